@@ -1,0 +1,118 @@
+"""The one small protocol every backend implements.
+
+A loader class is registered by name; `load(path, options)` returns a loaded model that
+can encode, decode, stream token ids for a prompt and unload itself. Capabilities are data
+on the class, so the engine and the UI never branch on which loader it is.
+
+Loaders import their backend library (torch, llama_cpp, ...) inside `load()` only, and
+never import the engine: they see sampler parameters and errors from layer 0 and nothing
+else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from modules.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a loader can honour; the engine warns about or refuses the rest."""
+
+    samplers: frozenset[str]
+    """Names from modules.sampling.SAMPLER_NAMES this loader applies."""
+    grammar: bool = False
+    """GBNF grammars (`grammar_string`)."""
+    devices: tuple[str, ...] = ("cpu",)
+    """Where it runs: "cpu", "cuda", "metal"."""
+
+
+@dataclass
+class ModelInfo:
+    """What the engine and the UI need to know about a loaded model."""
+
+    name: str
+    path: Path
+    loader: str
+    context_length: int
+    """Tokens the model can attend to as loaded (prompt + reply)."""
+    vocab_size: int
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token: str | None = None
+    eos_token: str | None = None
+    chat_template: str | None = None
+    """The model's own Jinja2 chat template, when it ships one."""
+    special_tokens: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Backend-specific facts worth showing (architecture, quantisation, device...)."""
+
+
+@runtime_checkable
+class LoadedModel(Protocol):
+    """A model in memory, ready to generate."""
+
+    info: ModelInfo
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`; special-token text such as `<|im_end|>` is parsed as such."""
+        ...
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Text of `ids`. Incomplete UTF-8 at the end comes back as U+FFFD."""
+        ...
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event
+    ) -> Iterator[int]:
+        """Yield sampled token ids, one per step, after evaluating `prompt_ids`.
+
+        Honours every sampler in `params` the loader declares, the seed, logit bias, token
+        bans and `ban_eos_token` (EOS is masked). It yields EOS like any other token: the
+        caller decides to stop. It returns when `stop_event` is set (checked before each
+        step) or when the context window is full. The caller may close it at any time.
+        """
+        ...
+
+    def unload(self) -> None:
+        """Free the weights (and GPU memory) now rather than at garbage collection."""
+        ...
+
+
+class Loader(Protocol):
+    """A backend: a name, its options, its capabilities and a `load` constructor."""
+
+    name: ClassVar[str]
+    options_class: ClassVar[type]
+    capabilities: ClassVar[Capabilities]
+    package: ClassVar[str]
+    """The importable module the backend needs (checked without importing it)."""
+    install_hint: ClassVar[str]
+    """The command that installs the backend, shown when it is missing."""
+
+    @classmethod
+    def load(cls, path: Path, options: Any) -> LoadedModel: ...
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None: ...
+
+
+class LoaderBase:
+    """Shared class-level helpers; concrete loaders inherit these."""
+
+    name: ClassVar[str]
+    package: ClassVar[str]
+    install_hint: ClassVar[str]
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when the backend can be imported here, else why not and how to fix it."""
+        if importlib.util.find_spec(cls.package) is None:
+            return f"the {cls.name} loader needs the '{cls.package}' package: {cls.install_hint}"
+        return None

@@ -1,0 +1,1 @@
+"""The engine (generation, model manager, settings) and its two faces (ui/, api/)."""

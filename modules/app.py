@@ -1,0 +1,56 @@
+"""The App: the one object that owns the engine's parts, built once in server.py."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from modules.generation import Generator
+from modules.model_manager import ModelManager
+from modules.paths import atomic_write_text
+from modules.settings import Settings, resolve_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    """Settings, the model manager and the generator; passed to the UI and the API."""
+
+    root: Path
+    settings: Settings
+    models: ModelManager
+    generator: Generator
+
+    @classmethod
+    def create(cls, settings: Settings, root: Path) -> App:
+        models = ModelManager(settings, resolve_path(root, settings.models_dir))
+        return cls(root=root, settings=settings, models=models, generator=Generator(models))
+
+    @property
+    def settings_path(self) -> Path:
+        return resolve_path(self.root, self.settings.settings)
+
+    def save_settings(self) -> Path:
+        """Write the persisted settings to the settings file, atomically."""
+        import yaml
+
+        path = self.settings_path
+        atomic_write_text(path, yaml.safe_dump(self.settings.persisted(), sort_keys=False, allow_unicode=True))
+        return path
+
+    def load_startup_model(self) -> str | None:
+        """Load `--model` if given; a failure is reported, never fatal. Returns the error text."""
+        if not self.settings.model:
+            return None
+        try:
+            self.models.load(self.settings.model, loader=self.settings.loader)
+        except Exception as exc:  # noqa: BLE001 - the app must start whatever the model does
+            log.error("could not load %s: %s", self.settings.model, exc)
+            return str(exc)
+        return None
+
+    def close(self) -> None:
+        self.generator.close()
+        self.models.unload()

@@ -1,0 +1,234 @@
+"""The generator: prompt + sampler parameters in, a stream of text deltas out.
+
+Every request goes through one queue owned by the generator and is served by its worker
+thread, so callers (UI, API) only ever see `submit()` and a `Stream`; how many requests
+run at once is the generator's business. The non-streaming call drains the same stream.
+
+The token loop lives in `_run`: it truncates the prompt to fit, asks the loader for
+token ids, turns them into text with IncrementalDetokenizer (never half a character),
+cuts at stop strings with StopMatcher (never leaked), and honours cancel, EOS,
+max_new_tokens and the context window.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from loaders.base import LoadedModel
+from modules.errors import ContextLengthExceededError, InvalidRequestError
+from modules.model_manager import ModelManager
+from modules.sampling import SamplingParams
+from modules.text_stream import IncrementalDetokenizer, StopMatcher
+
+log = logging.getLogger(__name__)
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step of a stream. The last chunk carries `finish_reason`."""
+
+    delta: str
+    text: str
+    """All text so far."""
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    """None while streaming; then "stop" (EOS or a stop string), "length" or "cancelled"."""
+    seed: int | None = None
+    truncated_tokens: int = 0
+    """Prompt tokens dropped from the start to make room for the reply."""
+
+
+@dataclass
+class _Job:
+    prompt: str | list[int]
+    params: SamplingParams
+    cancel: threading.Event = field(default_factory=threading.Event)
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+
+
+_END = object()
+
+
+class Stream:
+    """Iterate for chunks; `cancel()` stops the generation within one token.
+
+    Leaving a `with` block or closing the stream cancels it too, so an abandoned
+    consumer (a closed browser tab, a dropped HTTP client) never keeps the model busy.
+    """
+
+    def __init__(self, job: _Job) -> None:
+        self._job = job
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        try:
+            while True:
+                item = self._job.out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._job.cancel.set()
+
+    def cancel(self) -> None:
+        self._job.cancel.set()
+
+    close = cancel
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def result(self) -> GenerationChunk:
+        """Drain the stream and return its last chunk (the whole text is in `.text`)."""
+        last = None
+        for last in self:
+            pass
+        assert last is not None  # _run always ends with a final chunk or raises
+        return last
+
+
+class Generator:
+    """Owns the request queue and the worker that runs generations on the loaded model."""
+
+    def __init__(self, models: ModelManager) -> None:
+        self.models = models
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def submit(self, prompt: str | list[int], params: SamplingParams) -> Stream:
+        """Queue a generation; iterate the returned stream for its chunks."""
+        if not isinstance(prompt, str) and not (
+            isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
+            raise InvalidRequestError("prompt must be text or a list of token ids", "prompt")
+        job = _Job(prompt, params)
+        self._ensure_worker()
+        self._queue.put(job)
+        return Stream(job)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams) -> GenerationChunk:
+        """Blocking form of submit(): the final chunk, whose `.text` is the whole reply."""
+        return self.submit(prompt, params).result()
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=5)
+            self._worker = None
+
+    def _ensure_worker(self) -> None:
+        with self._start_lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._serve, name="generator", daemon=True)
+                self._worker.start()
+
+    def _serve(self) -> None:
+        while (job := self._queue.get()) is not None:
+            try:
+                if job.cancel.is_set():
+                    job.out.put(GenerationChunk("", "", 0, 0, FINISH_CANCELLED))
+                    continue
+                with self.models.using() as model:
+                    for chunk in self._run(model, job):
+                        job.out.put(chunk)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
+                if not isinstance(exc, InvalidRequestError):
+                    log.exception("generation failed")
+                job.out.put(exc)
+            finally:
+                job.out.put(_END)
+
+    def _run(self, model: LoadedModel, job: _Job) -> Iterator[GenerationChunk]:
+        params = job.params
+        if params.seed is None:
+            params = params.replace(seed=random.randrange(2**31))
+        _check_capabilities(model, params)
+        ids, dropped = fit_prompt(model, job.prompt, params)
+        eos = frozenset(model.info.eos_token_ids) if not params.ban_eos_token else frozenset()
+        detok = IncrementalDetokenizer(
+            lambda t: model.decode(t, skip_special=params.skip_special_tokens), ids
+        )
+        stopper = StopMatcher(params.stop)
+        text, count, finish = "", 0, None
+        tokens = model.generate(ids, params, job.cancel)
+        try:
+            for token in tokens:
+                if token in eos:
+                    finish = FINISH_STOP
+                    break
+                count += 1
+                delta, hit = stopper.feed(detok.add(token))
+                if delta:
+                    text += delta
+                    yield GenerationChunk(delta, text, len(ids), count, None, params.seed, dropped)
+                if hit:
+                    finish = FINISH_STOP
+                elif count >= params.max_new_tokens:
+                    finish = FINISH_LENGTH
+                elif job.cancel.is_set():
+                    finish = FINISH_CANCELLED
+                if finish:
+                    break
+        finally:
+            tokens.close()  # type: ignore[attr-defined]
+        if finish is None:  # the loader returned: cancelled, or the context window is full
+            finish = FINISH_CANCELLED if job.cancel.is_set() else FINISH_LENGTH
+        tail = "" if stopper.matched else _release(detok, stopper)
+        text += tail
+        yield GenerationChunk(tail, text, len(ids), count, finish, params.seed, dropped)
+
+
+def _release(detok: IncrementalDetokenizer, stopper: StopMatcher) -> str:
+    """Text held back at the end of a generation that did not hit a stop string."""
+    delta, hit = stopper.feed(detok.flush())
+    return delta if hit else delta + stopper.flush()
+
+
+def fit_prompt(model: LoadedModel, prompt: str | list[int], params: SamplingParams) -> tuple[list[int], int]:
+    """Prompt ids cut from the left to `truncation_length - max_new_tokens`; and how many were cut.
+
+    A leading BOS survives the cut, since models expect it first.
+    """
+    ids = model.encode(prompt, add_bos=params.add_bos_token) if isinstance(prompt, str) else list(prompt)
+    window = model.info.context_length
+    budget = min(params.truncation_length or window, window)
+    keep = budget - params.max_new_tokens
+    if keep < 1:
+        raise ContextLengthExceededError(
+            f"max_new_tokens ({params.max_new_tokens}) leaves no room for the prompt in a "
+            f"{budget}-token context; lower max_new_tokens or raise truncation_length",
+            "max_new_tokens",
+        )
+    if not ids:
+        raise InvalidRequestError("the prompt is empty", "prompt")
+    if len(ids) <= keep:
+        return ids, 0
+    bos = model.info.bos_token_id
+    if bos is not None and ids[0] == bos and keep > 1:
+        return [bos] + ids[len(ids) - keep + 1 :], len(ids) - keep
+    return ids[len(ids) - keep :], len(ids) - keep
+
+
+def _check_capabilities(model: LoadedModel, params: SamplingParams) -> None:
+    caps = type(model).capabilities  # type: ignore[attr-defined]
+    if params.grammar_string and not caps.grammar:
+        raise InvalidRequestError(
+            f"the {model.info.loader} loader does not support grammars; use a GGUF model with llama.cpp",
+            "grammar_string",
+        )
+    unsupported = [s for s in params.active_samplers() if s not in caps.samplers]
+    if unsupported:
+        log.warning("%s ignores these samplers: %s", model.info.loader, ", ".join(unsupported))

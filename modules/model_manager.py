@@ -1,0 +1,204 @@
+"""The model manager: what is in the models folder, which loader fits, load and unload.
+
+It owns the one loaded model. Loading takes the same lock a generation holds, so a load
+waits for the running generation to finish and never pulls the weights from under it.
+A failed load leaves no model loaded and the app serving, with the reason reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import loaders
+from loaders.base import LoadedModel
+from modules.errors import BackendMissingError, InvalidRequestError, ModelLoadError, ModelNotFoundError, ModelNotLoadedError
+from modules.paths import safe_join
+from modules.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_SPLIT_SHARD = "-of-0"  # "model-00002-of-00003.gguf": only the first shard is listed
+
+
+@dataclass(frozen=True)
+class LoaderStatus:
+    name: str
+    available: bool
+    reason: str | None
+    option_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What the Model tab's status line shows after a load."""
+
+    name: str
+    loader: str
+    reason: str
+    seconds: float
+    context_length: int
+    ram_bytes: int
+    gpu_bytes: int
+
+    def summary(self) -> str:
+        mem = f"{self.ram_bytes / 2**30:.2f} GiB RAM"
+        if self.gpu_bytes:
+            mem += f", {self.gpu_bytes / 2**30:.2f} GiB VRAM"
+        return (f"Loaded {self.name} with {self.loader} in {self.seconds:.1f} s; "
+                f"context {self.context_length} tokens; {mem}.")
+
+
+class ModelManager:
+    """Lists, loads and unloads models from one folder; holds the loaded model."""
+
+    def __init__(self, settings: Settings, models_dir: Path) -> None:
+        self.settings = settings
+        self.models_dir = models_dir
+        self._lock = threading.RLock()
+        self._model: LoadedModel | None = None
+        self._name: str | None = None
+        self.report: LoadReport | None = None
+
+    # --- discovery -------------------------------------------------------------------
+    def list_models(self) -> list[str]:
+        """Model names: .gguf files, and folders holding weights, relative to the folder."""
+        if not self.models_dir.is_dir():
+            return []
+        names: list[str] = []
+        for entry in sorted(self.models_dir.iterdir(), key=lambda p: p.name.lower()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_file() and entry.suffix.lower() == ".gguf" and not _is_later_shard(entry.name):
+                names.append(entry.name)
+            elif entry.is_dir():
+                names.extend(self._folder_models(entry))
+        return names
+
+    def _folder_models(self, folder: Path) -> list[str]:
+        files = [p for p in folder.iterdir() if p.is_file()]
+        if (folder / "config.json").is_file():
+            return [folder.name]
+        ggufs = sorted(p.name for p in files if p.suffix.lower() == ".gguf" and not _is_later_shard(p.name))
+        if len(ggufs) == 1:
+            return [folder.name]
+        return [f"{folder.name}/{g}" for g in ggufs]
+
+    def path_of(self, name: str) -> Path:
+        path = safe_join(self.models_dir, name)
+        if not path.exists():
+            raise ModelNotFoundError(f"no model named {name!r} in {self.models_dir}", "model")
+        return path
+
+    def infer(self, name: str) -> loaders.LoaderChoice:
+        return loaders.infer_loader(self.path_of(name), installed=self._installed)
+
+    def loader_statuses(self) -> list[LoaderStatus]:
+        out = []
+        for lname in loaders.loader_names():
+            cls = loaders.get_loader(lname)
+            reason = cls.unavailable_reason()
+            fields = tuple(f.name for f in dataclasses.fields(cls.options_class))
+            out.append(LoaderStatus(lname, reason is None, reason, fields))
+        return out
+
+    @staticmethod
+    def _installed(name: str) -> bool:
+        try:
+            return loaders.get_loader(name).unavailable_reason() is None
+        except ModelLoadError:
+            return False
+
+    # --- load / unload ---------------------------------------------------------------
+    def load(self, name: str, loader: str | None = None, overrides: dict[str, Any] | None = None) -> LoadReport:
+        """Unload the current model, then load `name` (with `loader`, or the inferred one)."""
+        path = self.path_of(name)
+        choice = loaders.infer_loader(path, installed=self._installed) if loader is None else None
+        lname = loader or choice.loader  # type: ignore[union-attr]
+        reason = choice.reason if choice else "chosen by the user"
+        cls = loaders.get_loader(lname)
+        missing = cls.unavailable_reason()
+        if missing:
+            raise BackendMissingError(missing)
+        options = self._options_for(cls, overrides or {})
+        with self._lock:
+            self.unload()
+            ram0, gpu0 = _ram_bytes(), _gpu_bytes()
+            start = time.perf_counter()
+            model = cls.load(path, options)
+            seconds = time.perf_counter() - start
+            self._model, self._name = model, name
+            self.report = LoadReport(
+                name=name, loader=lname, reason=reason, seconds=seconds,
+                context_length=model.info.context_length,
+                ram_bytes=max(0, _ram_bytes() - ram0), gpu_bytes=max(0, _gpu_bytes() - gpu0),
+            )
+        log.info(self.report.summary())
+        return self.report
+
+    def _options_for(self, cls: type, overrides: dict[str, Any]) -> Any:
+        names = {f.name for f in dataclasses.fields(cls.options_class)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise InvalidRequestError(
+                f"{cls.name} has no option {', '.join(sorted(unknown))}; its options: {', '.join(sorted(names))}",
+                "options",
+            )
+        values = {n: getattr(self.settings, n) for n in names if hasattr(self.settings, n)}
+        values.update(overrides)
+        return cls.options_class(**values)
+
+    def unload(self) -> None:
+        with self._lock:
+            model, self._model, self._name, self.report = self._model, None, None, None
+            if model is not None:
+                model.unload()
+
+    # --- the loaded model --------------------------------------------------------------
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._model
+
+    def require(self) -> LoadedModel:
+        model = self._model
+        if model is None:
+            raise ModelNotLoadedError("no model is loaded: pick one in the Model tab or start with --model NAME")
+        return model
+
+    @contextmanager
+    def using(self) -> Iterator[LoadedModel]:
+        """Hold the loaded model for a generation; loads and unloads wait meanwhile."""
+        with self._lock:
+            yield self.require()
+
+
+def _is_later_shard(name: str) -> bool:
+    return _SPLIT_SHARD in name and "-00001-of-" not in name
+
+
+def _ram_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:  # pragma: no cover - psutil is in requirements.txt
+        return 0
+
+
+def _gpu_bytes() -> int:
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    if torch is not None and torch.cuda.is_available():
+        return int(torch.cuda.memory_allocated())
+    return 0

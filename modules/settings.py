@@ -1,0 +1,178 @@
+"""One typed settings object: the command-line flags, `CMD_FLAGS.txt` and `settings.yaml`.
+
+The argparse parser is generated from the dataclass fields (their metadata holds the
+flag group and help), so a flag, its default and its persisted value cannot drift apart.
+Precedence, lowest first: defaults < settings.yaml < CMD_FLAGS.txt < the command line.
+Nothing here parses arguments at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from modules.errors import InvalidRequestError
+
+GROUPS = ("Model", "llama.cpp", "Transformers", "Server", "Other")
+
+
+def _opt(default: Any, group: str, help: str, **extra: Any) -> Any:
+    """A settings field with its flag group and help text."""
+    meta = {"group": group, "help": help, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Settings:
+    """Every flag of server.py. Loader option dataclasses reuse these field names."""
+
+    # Model
+    model: str | None = _opt(None, "Model", "Model to load at start: a .gguf file or a folder name in the models folder.")
+    loader: str | None = _opt(None, "Model", "Loader to use instead of the one inferred from the model's files "
+                              "(llama.cpp, transformers, exllamav2, gptq).")
+    models_dir: str = _opt("models", "Model", "Folder that holds the models.")
+    # llama.cpp
+    n_gpu_layers: int = _opt(0, "llama.cpp", "Layers to offload to the GPU; -1 offloads all.")
+    ctx_size: int = _opt(0, "llama.cpp", "Context size in tokens; 0 uses the model's own, capped at 8192.")
+    threads: int = _opt(0, "llama.cpp", "CPU threads for generation; 0 picks the number of physical cores.")
+    threads_batch: int = _opt(0, "llama.cpp", "CPU threads for prompt processing; 0 picks automatically.")
+    batch_size: int = _opt(512, "llama.cpp", "Prompt tokens processed per batch.")
+    rope_freq_base: float = _opt(0.0, "llama.cpp", "RoPE base frequency; 0 uses the model's.")
+    rope_freq_scale: float = _opt(0.0, "llama.cpp", "RoPE frequency scaling factor; 0 uses the model's.")
+    flash_attn: bool = _opt(False, "llama.cpp", "Use flash attention.")
+    cache_type: str = _opt("f16", "llama.cpp", "KV cache type; q8_0 and q4_0 halve or quarter its memory.",
+                           choices=("f16", "q8_0", "q4_0", "f32"))
+    tensor_split: str = _opt("", "llama.cpp", "How to split the model across GPUs, e.g. 3,1.")
+    no_mmap: bool = _opt(False, "llama.cpp", "Read the whole file into memory instead of mapping it.")
+    mlock: bool = _opt(False, "llama.cpp", "Lock the model in RAM so the OS never swaps it out.")
+    # Transformers
+    dtype: str = _opt("auto", "Transformers", "Weight dtype; auto is bfloat16 on a GPU and float32 on a CPU.",
+                      choices=("auto", "float32", "float16", "bfloat16"))
+    cpu: bool = _opt(False, "Transformers", "Run on the CPU even when a GPU is present.")
+    load_in_8bit: bool = _opt(False, "Transformers", "Load weights in 8 bits with bitsandbytes (NVIDIA GPU only).")
+    load_in_4bit: bool = _opt(False, "Transformers", "Load weights in 4 bits with bitsandbytes (NVIDIA GPU only).")
+    trust_remote_code: bool = _opt(False, "Transformers", "Run Python code shipped with the model. Only for models you trust.")
+    allow_pickle: bool = _opt(False, "Transformers", "Allow loading pickled .bin weights (with weights_only=True) "
+                              "when a model has no safetensors.")
+    # Server
+    listen: bool = _opt(False, "Server", "Make the UI reachable from your local network (binds 0.0.0.0).")
+    listen_host: str | None = _opt(None, "Server", "Host name or address to bind; overrides --listen.")
+    listen_port: int = _opt(7860, "Server", "Port of the web UI.")
+    api: bool = _opt(False, "Server", "Serve the OpenAI-compatible API as well.")
+    api_port: int = _opt(5000, "Server", "Port of the API.")
+    api_key: str | None = _opt(None, "Server", "Require this key (Authorization: Bearer KEY) on API calls.",
+                               persist=False)
+    gradio_auth: str | None = _opt(None, "Server", 'Password-protect the UI: "user:password", several separated by commas.',
+                                   persist=False)
+    # Other
+    settings: str = _opt("settings.yaml", "Other", "Settings file to load (and to save from the UI).", persist=False)
+    extensions: list[str] = _opt([], "Other", "Extensions to load, by folder name in extensions/.", nargs="+")
+    verbose: bool = _opt(False, "Other", "Log more, including the prompts sent to the model.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise InvalidRequestError(
+                    f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}", f.name
+                )
+
+    @property
+    def host(self) -> str:
+        """The address the servers bind to."""
+        return self.listen_host or ("0.0.0.0" if self.listen else "127.0.0.1")
+
+    def persisted(self) -> dict[str, Any]:
+        """What Save settings writes: every field except secrets and the file's own path."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("persist", True)
+        }
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser for server.py, generated from the Settings fields.
+
+    Defaults are suppressed so the parsed namespace holds only the flags actually given;
+    that is what lets the command line override settings.yaml field by field.
+    """
+    parser = argparse.ArgumentParser(
+        prog="server.py",
+        description="A local LLM workbench: web UI on 127.0.0.1:7860, OpenAI-compatible API with --api.",
+        argument_default=argparse.SUPPRESS,
+        epilog="Flags in CMD_FLAGS.txt are read first; flags on the command line win.",
+    )
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    defaults = Settings()
+    for f in dataclasses.fields(Settings):
+        group = groups[f.metadata["group"]]
+        default = getattr(defaults, f.name)
+        help_text = f.metadata["help"]
+        if f.type in ("bool", bool):
+            group.add_argument(flag_name(f.name), action="store_true", help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        kwargs: dict[str, Any] = {"type": kind, "help": f"{help_text} (default: {default})" if default else help_text}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if "nargs" in f.metadata:
+            kwargs["nargs"] = f.metadata["nargs"]
+        group.add_argument(flag_name(f.name), metavar=f.name.upper().replace("_", "-"), **kwargs)
+    return parser
+
+
+def read_cmd_flags(path: Path) -> list[str]:
+    """The flags written in CMD_FLAGS.txt, shell-split, `#` comments ignored."""
+    if not path.is_file():
+        return []
+    return shlex.split(path.read_text(encoding="utf-8"), comments=True)
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """Known keys of a settings YAML file; unknown keys are kept for other parts (the UI)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise InvalidRequestError(f"{path.name} is not valid YAML: {exc}", "settings") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError(f"{path.name} must hold a mapping of setting: value", "settings")
+    return data
+
+
+def load_settings(argv: list[str], root: Path, cmd_flags_path: Path | None = None) -> Settings:
+    """Merge defaults, the settings file, CMD_FLAGS.txt and argv into one Settings.
+
+    Exits through argparse on `--help` or a malformed flag, as a command line should.
+    """
+    flags = read_cmd_flags(cmd_flags_path if cmd_flags_path is not None else root / "CMD_FLAGS.txt")
+    given = vars(build_parser().parse_args(flags + list(argv)))
+    settings_path = resolve_path(root, given.get("settings", "settings.yaml"))
+    from_file = read_settings_file(settings_path)
+    known = {f.name for f in dataclasses.fields(Settings) if f.metadata.get("persist", True)}
+    merged = {k: v for k, v in from_file.items() if k in known}
+    merged.update(given)
+    try:
+        return Settings(**merged)
+    except TypeError as exc:
+        raise InvalidRequestError(f"{settings_path.name}: {exc}", "settings") from None
+
+
+def resolve_path(root: Path, value: str) -> Path:
+    """A path from a setting: relative paths are taken from the project root."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else root / path

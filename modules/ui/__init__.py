@@ -1,0 +1,30 @@
+"""The Gradio face of the engine: one module per tab, each with `create_ui(app)`.
+
+Handlers only wire components to engine calls; no generation logic lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from modules.app import App
+from modules.ui import default_tab, model_tab
+
+TITLE = "LLM Workbench"
+
+
+def create_ui(app: App) -> gr.Blocks:
+    """Build the Blocks app over `app`; the caller launches it."""
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        with gr.Tab("Default"):
+            default_tab.create_ui(app)
+        with gr.Tab("Model"):
+            model_tab.create_ui(app)
+    return demo
+
+
+def launch_options() -> dict[str, Any]:
+    """Options that gradio 6 takes in launch() rather than Blocks()."""
+    return {"theme": gr.themes.Soft(), "show_error": True}

@@ -1,0 +1,113 @@
+"""Model tab: pick a model, see which loader fits and why, set its options, load, unload."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gradio as gr
+
+from modules.app import App
+from modules.errors import WorkbenchError
+from modules.ui.components import setting_component
+
+log = logging.getLogger(__name__)
+AUTO = "auto"
+NO_MODELS = ("No models yet. Put a `.gguf` file (or a Hugging Face model folder) in `{dir}`, "
+             "then press Refresh.")
+
+
+def create_ui(app: App) -> None:
+    statuses = app.models.loader_statuses()
+    with gr.Row():
+        model = gr.Dropdown(app.models.list_models(), value=app.models.name, label="Model", scale=4)
+        refresh = gr.Button("Refresh", scale=1)
+        loader = gr.Dropdown([AUTO] + [s.name for s in statuses], value=AUTO, label="Loader", scale=2)
+    choice = gr.Markdown(_describe(app, app.models.name, AUTO))
+    groups, inputs, names_by_loader = {}, [], {}
+    initial = _chosen_loader(app, app.models.name, AUTO)
+    for status in statuses:
+        with gr.Group(visible=status.name == initial) as group:
+            if not status.available:
+                gr.Markdown(f"**Unavailable:** {status.reason}")
+            for name in status.option_names:
+                inputs.append(setting_component(name, getattr(app.settings, name)))
+        groups[status.name] = group
+        names_by_loader[status.name] = status.option_names
+    with gr.Row():
+        load = gr.Button("Load", variant="primary")
+        unload = gr.Button("Unload")
+    status_line = gr.Markdown(_status(app))
+
+    option_names = [n for s in statuses for n in s.option_names]
+    group_list = list(groups.values())
+
+    def on_pick(name: str | None, loader_name: str) -> list[Any]:
+        chosen = _chosen_loader(app, name, loader_name)
+        return [_describe(app, name, loader_name)] + [gr.update(visible=k == chosen) for k in groups]
+
+    def on_refresh() -> Any:
+        names = app.models.list_models()
+        return gr.update(choices=names, value=app.models.name)
+
+    def on_load(name: str | None, loader_name: str, *values: Any) -> str:
+        if not name:
+            return "Pick a model first."
+        chosen = _chosen_loader(app, name, loader_name)
+        wanted = set(names_by_loader.get(chosen or "", ()))
+        overrides = {n: _clean(v) for n, v in zip(option_names, values) if n in wanted}
+        try:
+            app.models.load(name, loader=None if loader_name == AUTO else loader_name, overrides=overrides)
+        except WorkbenchError as exc:
+            return f"**Could not load {name}:** {exc}"
+        except Exception as exc:  # noqa: BLE001 - a backend crash must not take the UI down
+            log.exception("loading %s failed", name)
+            return f"**Could not load {name}:** {type(exc).__name__}: {exc}"
+        return _status(app)
+
+    def on_unload() -> str:
+        app.models.unload()
+        return _status(app)
+
+    for trigger in (model.change, loader.change):
+        trigger(on_pick, [model, loader], [choice] + group_list)
+    refresh.click(on_refresh, None, model)
+    load.click(on_load, [model, loader] + inputs, status_line)
+    unload.click(on_unload, None, status_line)
+
+
+def _chosen_loader(app: App, name: str | None, loader_name: str) -> str | None:
+    if loader_name != AUTO:
+        return loader_name
+    if not name:
+        return None
+    try:
+        return app.models.infer(name).loader
+    except WorkbenchError:
+        return None
+
+
+def _describe(app: App, name: str | None, loader_name: str) -> str:
+    if not app.models.list_models():
+        return NO_MODELS.format(dir=app.models.models_dir)
+    if not name:
+        return "Pick a model."
+    if loader_name != AUTO:
+        return f"Loader **{loader_name}**, chosen by you."
+    try:
+        choice = app.models.infer(name)
+    except WorkbenchError as exc:
+        return f"**Cannot load {name}:** {exc}"
+    return f"Loader **{choice.loader}**, because {choice.reason}."
+
+
+def _status(app: App) -> str:
+    report = app.models.report
+    return report.summary() if report else "No model loaded."
+
+
+def _clean(value: Any) -> Any:
+    """Gradio gives floats for integer Numbers in some versions; options want ints there."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

@@ -1,0 +1,66 @@
+"""Start the workbench: parse flags (CMD_FLAGS.txt + argv), build the App, serve the UI.
+
+Only settings parsing happens before `--help` answers; gradio, torch and the backends are
+imported later (the UI) or at model load (the backends), so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from modules.settings import load_settings
+
+ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("server")
+
+
+def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
+    """`user:pass,user2:pass2` -> Gradio's list of credentials."""
+    if not value:
+        return None
+    pairs = []
+    for item in value.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user:
+            raise SystemExit("--gradio-auth must look like user:password (several separated by commas)")
+        pairs.append((user, password))
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = load_settings(sys.argv[1:] if argv is None else argv, ROOT)
+    logging.basicConfig(
+        level=logging.DEBUG if settings.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from modules.app import App
+
+    app = App.create(settings, ROOT)
+    if settings.api:
+        log.warning("--api: the HTTP API is not part of this version yet; serving the web UI only")
+    if settings.listen and not settings.gradio_auth:
+        log.warning("--listen without --gradio-auth: anyone on your network can use this UI")
+    app.load_startup_model()
+    if not app.models.list_models():
+        log.info("No models in %s yet: put a .gguf file (or a model folder) there, then press Refresh "
+                 "in the Model tab.", app.models.models_dir)
+
+    from modules.ui import create_ui, launch_options
+
+    demo = create_ui(app)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        demo.queue(default_concurrency_limit=8).launch(
+            server_name=settings.host, server_port=settings.listen_port,
+            auth=parse_auth(settings.gradio_auth), **launch_options(),
+        )
+    finally:
+        app.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The generator's token loop, on the scripted fake loader."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from modules.errors import ContextLengthExceededError, ModelNotLoadedError
+from modules.sampling import SamplingParams
+from tests.engine_fixtures import app, fake  # noqa: F401 - fixtures
+from tests.fakes import BOS, EOS, script_text
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=40)
+
+
+def collect(app, prompt="hi", params=GREEDY):
+    chunks = list(app.generator.submit(prompt, params))
+    return chunks, chunks[-1]
+
+
+def test_deltas_add_up_to_the_text_and_end_on_eos(app, fake):
+    fake.script = script_text("Hello there") + [EOS] + script_text("never")
+    chunks, last = collect(app)
+    assert last.text == "Hello there"
+    assert "".join(c.delta for c in chunks) == last.text
+    assert last.finish_reason == "stop"
+    assert last.completion_tokens == len("Hello there")
+    assert last.prompt_tokens == 3  # BOS + "hi"
+
+
+def test_stop_string_split_across_tokens_never_leaks(app, fake):
+    fake.script = script_text("Sure.\nUser: more")
+    chunks, last = collect(app, params=GREEDY.replace(stop=["\nUser:"]))
+    assert last.text == "Sure."
+    assert last.finish_reason == "stop"
+    assert all("\n" not in c.delta and "User" not in c.delta for c in chunks)
+
+
+def test_partial_stop_prefix_is_released_when_no_stop_follows(app, fake):
+    fake.script = script_text("a\nUs") + [EOS]
+    _, last = collect(app, params=GREEDY.replace(stop=["\nUser:"]))
+    assert last.text == "a\nUs"
+
+
+def test_earliest_of_several_stop_strings_wins(app, fake):
+    fake.script = script_text("one ### two </s> three")
+    _, last = collect(app, params=GREEDY.replace(stop=["</s>", "###"]))
+    assert last.text == "one "
+
+
+def test_multibyte_utf8_is_never_split(app, fake):
+    text = "Привет, мир 🙂 你好"
+    fake.script = script_text(text) + [EOS]
+    chunks, last = collect(app)
+    assert last.text == text
+    assert all("\ufffd" not in c.delta for c in chunks)
+    assert "".join(c.delta for c in chunks) == text
+
+
+def test_stop_string_made_of_multibyte_characters(app, fake):
+    fake.script = script_text("да 🙂 нет")
+    _, last = collect(app, params=GREEDY.replace(stop=["🙂"]))
+    assert last.text == "да "
+
+
+def test_max_new_tokens_ends_with_length(app, fake):
+    fake.script = script_text("abcdefghij")
+    _, last = collect(app, params=GREEDY.replace(max_new_tokens=4))
+    assert last.text == "abcd"
+    assert last.finish_reason == "length"
+
+
+def test_ban_eos_keeps_going_past_eos(app, fake):
+    fake.script = script_text("ab") + [EOS] + script_text("cd")
+    _, last = collect(app, params=GREEDY.replace(ban_eos_token=True))
+    assert last.text == "abcd"
+
+
+def test_prompt_is_left_truncated_to_fit_and_keeps_bos(app, fake):
+    fake.script = script_text("x") + [EOS]
+    prompt = "".join(chr(ord("a") + i % 26) for i in range(100))  # 101 ids with BOS; context is 64
+    _, last = collect(app, prompt, GREEDY.replace(max_new_tokens=10, truncation_length=40))
+    seen = fake.seen_prompts[-1]
+    assert len(seen) == 30
+    assert seen[0] == BOS
+    assert bytes(seen[1:]).decode() == prompt[-29:]
+    assert last.truncated_tokens == 101 - 30
+
+
+def test_truncation_length_is_capped_by_the_model_context(app, fake):
+    fake.script = [EOS]
+    collect(app, "y" * 200, GREEDY.replace(max_new_tokens=4, truncation_length=100000))
+    assert len(fake.seen_prompts[-1]) == 64 - 4
+
+
+def test_no_room_for_the_prompt_is_a_clear_error(app, fake):
+    with pytest.raises(ContextLengthExceededError, match="max_new_tokens"):
+        collect(app, "hi", GREEDY.replace(max_new_tokens=64))
+
+
+def test_cancel_mid_stream_stops_within_one_token(app, fake):
+    fake.script = script_text("a" * 50)
+    fake.step_delay = 0.002
+    stream = app.generator.submit("hi", GREEDY.replace(max_new_tokens=50))
+    got = []
+    for chunk in stream:
+        got.append(chunk)
+        if len(got) == 5:
+            stream.cancel()
+    assert got[-1].finish_reason == "cancelled"
+    assert got[-1].completion_tokens <= 6
+    assert fake.steps <= 7
+
+
+def test_abandoned_stream_is_cancelled(app, fake):
+    fake.script = script_text("b" * 50)
+    fake.step_delay = 0.002
+    stream = app.generator.submit("hi", GREEDY.replace(max_new_tokens=50))
+    it = iter(stream)
+    next(it)
+    it.close()  # the consumer went away (closed tab, dropped connection)
+    app.generator.generate("again", GREEDY.replace(max_new_tokens=1))  # the queue moves on
+    assert fake.steps < 50
+
+
+def test_requests_are_served_in_order_and_a_cancelled_queued_one_never_runs(app, fake):
+    fake.script = script_text("c" * 50)
+    fake.step_delay = 0.002
+    first = app.generator.submit("1", GREEDY.replace(max_new_tokens=20))
+    second = app.generator.submit("2", GREEDY.replace(max_new_tokens=20))
+    second.cancel()
+    third = app.generator.submit("3", GREEDY.replace(max_new_tokens=5))
+    assert first.result().text == "c" * 20
+    assert second.result().finish_reason == "cancelled"
+    assert third.result().text == "c" * 5
+    assert [bytes(p[1:]).decode() for p in fake.seen_prompts] == ["1", "3"]
+
+
+def test_a_seed_is_drawn_and_reported_when_none_is_given(app, fake):
+    fake.script = [EOS]
+    _, last = collect(app, params=GREEDY)
+    assert isinstance(last.seed, int)
+    assert fake.seen_params[-1].seed == last.seed
+    _, last = collect(app, params=GREEDY.replace(seed=1234))
+    assert last.seed == 1234
+
+
+def test_no_model_loaded_is_a_clear_error(app):
+    with pytest.raises(ModelNotLoadedError, match="Model tab"):
+        app.generator.generate("hi", GREEDY)
+
+
+def test_generation_waits_for_nothing_after_an_error(app, fake):
+    with pytest.raises(ContextLengthExceededError):
+        app.generator.generate("hi", GREEDY.replace(max_new_tokens=500))
+    fake.script = script_text("ok") + [EOS]
+    assert app.generator.generate("hi", GREEDY).text == "ok"
+
+
+def test_load_waits_for_a_running_generation(app, fake):
+    fake.script = script_text("d" * 40)
+    fake.step_delay = 0.005
+    stream = app.generator.submit("hi", GREEDY.replace(max_new_tokens=40))
+    it = iter(stream)
+    next(it)
+    done = threading.Event()
+    loader = threading.Thread(target=lambda: (app.models.load("fake.gguf", loader="fake"), done.set()))
+    loader.start()
+    rest = list(it)
+    loader.join(5)
+    assert done.is_set()
+    assert rest[-1].text == "d" * 40  # the reply finished on the old model before the load ran
+    assert fake.unloaded
