@@ -8,7 +8,6 @@ import pytest
 
 from modules.errors import ContextLengthExceededError, ModelNotLoadedError
 from modules.sampling import SamplingParams
-from tests.engine_fixtures import app, fake  # noqa: F401 - fixtures
 from tests.fakes import BOS, EOS, script_text
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=40)

@@ -39,9 +39,11 @@ def create_ui(app: App) -> None:
             stops = gr.Textbox(label="Stop strings", placeholder='"\\nUser:", "###"')
     params_in = [max_new, temperature, top_p, top_k, min_p, rep_pen, seed, stops]
 
-    def on_generate(text: str, *values: Any, request: gr.Request) -> Iterator[tuple[str, str]]:
+    def on_generate(text: str, max_new: float, temperature: float, top_p: float, top_k: float, min_p: float,
+                    rep_pen: float, seed: float | None, stop_text: str,
+                    request: gr.Request) -> Iterator[tuple[str, str]]:
         try:
-            params = _params(*values)
+            params = _params(max_new, temperature, top_p, top_k, min_p, rep_pen, seed, stop_text)
             stream = app.generator.submit(text, params)
         except WorkbenchError as exc:
             raise gr.Error(str(exc)) from None
@@ -62,8 +64,8 @@ def create_ui(app: App) -> None:
         if stream is not None:
             stream.cancel()
 
-    generate.click(on_generate, [prompt] + params_in, [output, info], concurrency_limit=4)
-    prompt.submit(on_generate, [prompt] + params_in, [output, info], concurrency_limit=4)
+    generate.click(on_generate, [prompt] + params_in, [output, info], concurrency_limit=4, api_name="generate")
+    prompt.submit(on_generate, [prompt] + params_in, [output, info], concurrency_limit=4, api_visibility="private")
     stop.click(on_stop, None, None, queue=False)
 
 

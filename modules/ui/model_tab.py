@@ -72,8 +72,8 @@ def create_ui(app: App) -> None:
     for trigger in (model.change, loader.change):
         trigger(on_pick, [model, loader], [choice] + group_list)
     refresh.click(on_refresh, None, model)
-    load.click(on_load, [model, loader] + inputs, status_line)
-    unload.click(on_unload, None, status_line)
+    load.click(on_load, [model, loader] + inputs, status_line, api_name="load_model")
+    unload.click(on_unload, None, status_line, api_name="unload_model")
 
 
 def _chosen_loader(app: App, name: str | None, loader_name: str) -> str | None:

@@ -1,0 +1,55 @@
+"""Listing the models folder, loading, unloading and loading another."""
+
+from __future__ import annotations
+
+import pytest
+
+from modules.errors import ModelNotFoundError, UnsafePathError
+
+
+def test_lists_gguf_files_and_model_folders(app):
+    models = app.models.models_dir
+    (models / "hf_model").mkdir()
+    (models / "hf_model" / "config.json").write_text("{}")
+    (models / "quants").mkdir()
+    for name in ("a.Q4_K_M.gguf", "a.Q8_0.gguf"):
+        (models / "quants" / name).write_bytes(b"GGUF")
+    (models / "big-00001-of-00002.gguf").write_bytes(b"GGUF")
+    (models / "big-00002-of-00002.gguf").write_bytes(b"GGUF")
+    (models / "README.md").write_text("x")
+    (models / "empty").mkdir()
+    assert app.models.list_models() == [
+        "big-00001-of-00002.gguf", "fake.gguf", "hf_model", "quants/a.Q4_K_M.gguf", "quants/a.Q8_0.gguf",
+    ]
+
+
+def test_names_outside_the_folder_are_refused(app):
+    with pytest.raises(UnsafePathError):
+        app.models.load("../../etc/passwd")
+    with pytest.raises(ModelNotFoundError):
+        app.models.load("missing.gguf")
+
+
+def test_load_unload_load_another(app, fake):
+    assert app.models.name == "fake.gguf"
+    assert app.models.report.loader == "fake" and app.models.report.reason == "chosen by the user"
+    (app.models.models_dir / "other.gguf").write_bytes(b"GGUF")
+    app.models.load("other.gguf", loader="fake", overrides={"ctx_size": 128})
+    assert fake.unloaded
+    assert app.models.name == "other.gguf"
+    assert app.models.current.info.context_length == 128
+    app.models.unload()
+    assert app.models.current is None and app.models.report is None
+
+
+def test_unknown_loader_option_is_refused(app):
+    from modules.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="no option"):
+        app.models.load("fake.gguf", loader="fake", overrides={"n_gpu_layers": 3})
+
+
+def test_loader_statuses_list_options(app):
+    statuses = {s.name: s for s in app.models.loader_statuses()}
+    assert "ctx_size" in statuses["llama.cpp"].option_names
+    assert "dtype" in statuses["transformers"].option_names
