@@ -67,7 +67,6 @@ def main() -> int:
     args = parser.parse_args()
 
     import llama_cpp
-
     import psutil
 
     from loaders.llama_cpp import LlamaCppOptions

@@ -16,6 +16,7 @@ import logging
 import queue
 import random
 import threading
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -92,11 +93,9 @@ class Stream:
 
     def result(self) -> GenerationChunk:
         """Drain the stream and return its last chunk (the whole text is in `.text`)."""
-        last = None
-        for last in self:
-            pass
-        assert last is not None  # _run always ends with a final chunk or raises
-        return last
+        chunks = deque(self, maxlen=1)
+        assert chunks, "a generation always ends with a final chunk or raises"
+        return chunks[0]
 
 
 class Generator:

@@ -20,7 +20,13 @@ from typing import Any
 
 import loaders
 from loaders.base import LoadedModel
-from modules.errors import BackendMissingError, InvalidRequestError, ModelLoadError, ModelNotFoundError, ModelNotLoadedError
+from modules.errors import (
+    BackendMissingError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelNotLoadedError,
+)
 from modules.paths import safe_join
 from modules.settings import Settings
 

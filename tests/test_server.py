@@ -82,3 +82,25 @@ def test_generates_with_the_kit_gguf(tmp_path, tiny_kit):
         assert "tokens/s" in info
     finally:
         stop(proc)
+
+
+def test_model_tab_loads_refuses_a_corrupt_file_and_keeps_serving(tmp_path, tiny_kit):
+    pytest.importorskip("llama_cpp")
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny.gguf").write_bytes(tiny_kit.gguf_f32.read_bytes())
+    (models / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    proc, url = start_server(tmp_path, "--models-dir", str(models), "--threads", "1", "--ctx-size", "256")
+    try:
+        from gradio_client import Client
+
+        client = Client(url, verbose=False)
+        status = client.predict("broken.gguf", "auto", api_name="/load_model")
+        assert "Could not load broken.gguf" in status
+        status = client.predict("tiny.gguf", "auto", api_name="/load_model")
+        assert status.startswith("Loaded tiny.gguf with llama.cpp")
+        text, _ = client.predict("Hello", 8, 0, 1, 0, 0, 1, 1, "", api_name="/generate")
+        assert text
+        assert client.predict(api_name="/unload_model") == "No model loaded."
+    finally:
+        stop(proc)

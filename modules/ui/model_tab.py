@@ -55,7 +55,7 @@ def create_ui(app: App) -> None:
             return "Pick a model first."
         chosen = _chosen_loader(app, name, loader_name)
         wanted = set(names_by_loader.get(chosen or "", ()))
-        overrides = {n: _clean(v) for n, v in zip(option_names, values) if n in wanted}
+        overrides = {n: _clean(v) for n, v in zip(option_names, values, strict=True) if n in wanted}
         try:
             app.models.load(name, loader=None if loader_name == AUTO else loader_name, overrides=overrides)
         except WorkbenchError as exc:

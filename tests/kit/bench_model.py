@@ -53,3 +53,17 @@ def build_bench_gguf(path: Path, quant: str = "q8_0", seed: int = 0) -> Path:
         return data
 
     return write_llama_gguf(Path(path), shape, vocab, quant, source, name=f"bench-llama-0.5b-{quant}")
+
+
+def main() -> None:
+    """`python -m tests.kit.bench_model OUT.gguf [q8_0|q4_0|f16|f32]`: write the benchmark model."""
+    import sys
+
+    if len(sys.argv) not in (2, 3):
+        raise SystemExit("usage: python -m tests.kit.bench_model OUT.gguf [q8_0|q4_0|f16|f32]")
+    out = build_bench_gguf(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) == 3 else "q8_0")
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,591 @@
+"""The llama.cpp loader: GGUF models through llama-cpp-python.
+
+Loading goes through `llama_cpp.Llama` (it owns the model, context and batch); generation
+bypasses `Llama.generate` and drives the low-level API directly: a per-request sampler
+chain built in C (`loaders/llama_cpp_sampler.py`), the prompt evaluated after the longest
+prefix still in the KV cache, then one `llama_decode` + `llama_sampler_sample` per token.
+
+`llama_cpp` is imported inside `load()` only: the app starts without it, and a missing
+backend is a BackendMissingError naming the install command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import struct
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loaders import gguf_main_file, register_loader
+from loaders.base import Capabilities, LoaderBase, ModelInfo
+from loaders.llama_cpp_sampler import ChainContext, build_sampler_chain
+from modules.errors import (
+    BackendMissingError,
+    ContextLengthExceededError,
+    GenerationError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotLoadedError,
+)
+from modules.sampling import SAMPLER_NAMES, SamplingParams
+
+#: ctx_size 0 takes the trained context, capped: a 128k-token KV cache would not fit.
+MAX_AUTO_CONTEXT = 8192
+#: Used when the GGUF file does not say how long its context is.
+FALLBACK_CONTEXT = 2048
+#: GGML type ids of the KV cache types a user can choose.
+CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
+#: llama.cpp's `general.file_type` values (enum llama_ftype) for the common quants.
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS",
+    23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
+    29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4",
+}
+
+
+@dataclass
+class LlamaCppOptions:
+    """Load options; the field names match llama-server's command-line flags."""
+
+    n_gpu_layers: int = 0
+    """Layers to offload to the GPU; -1 offloads all of them."""
+    ctx_size: int = 0
+    """Context length in tokens; 0 takes the model's trained context, capped at 8192."""
+    threads: int = 0
+    """Threads for generation; 0 uses the number of physical cores."""
+    threads_batch: int = 0
+    """Threads for prompt processing; 0 uses the same number as `threads`."""
+    batch_size: int = 512
+    """Prompt tokens evaluated per llama_decode call."""
+    rope_freq_base: float = 0.0
+    """RoPE base frequency; 0 keeps the model's."""
+    rope_freq_scale: float = 0.0
+    """RoPE frequency scaling factor; 0 keeps the model's."""
+    flash_attn: bool = False
+    """Use flash attention (switched on anyway for a quantised KV cache, which needs it)."""
+    cache_type: str = "f16"
+    """KV cache type: f16, q8_0, q4_0, or f32 (exact, for tests)."""
+    tensor_split: str = ""
+    """Comma-separated proportions of the model per GPU, e.g. "3,1"."""
+    no_mmap: bool = False
+    """Read the whole file into memory instead of memory-mapping it."""
+    mlock: bool = False
+    """Lock the model in RAM so the OS cannot swap it out."""
+
+
+@register_loader
+class LlamaCppLoader(LoaderBase):
+    """A GGUF model loaded with llama.cpp; one instance per loaded model.
+
+    Not for concurrent generations: starting a new `generate()` ends any earlier one that
+    is still suspended (it returns at its next step), so the KV cache has one owner.
+    `encode`/`decode` may be called from other threads at any time.
+    """
+
+    name = "llama.cpp"
+    package = "llama_cpp"
+    install_hint = "run start_linux.sh again, or: bash scripts/install_llama_cpp.sh PYTHON cpu|cuda"
+    options_class = LlamaCppOptions
+    capabilities = Capabilities(samplers=frozenset(SAMPLER_NAMES), grammar=True, devices=("cpu", "cuda", "metal"))
+
+    def __init__(self, lib: Any, llm: Any, info: ModelInfo, eog_ids: tuple[int, ...]) -> None:
+        self.info = info
+        self._lib = lib
+        self._llm: Any = llm
+        self._vocab = lib.llama_model_get_vocab(llm.model)
+        self._chain_context = ChainContext(self._vocab, info.vocab_size, info.context_length, eog_ids)
+        # Guards the native context: generation steps and unload() never overlap.
+        self._lock = threading.Lock()
+        # Guards the vocabulary: tokenizer calls (allowed during a generation) and unload().
+        self._vocab_lock = threading.Lock()
+        self._epoch = 0
+        # A one-token batch reused for every generated token (positions come from the cache).
+        self._token_buf = (lib.llama_token * 1)()
+        self._one_batch = lib.llama_batch_get_one(self._token_buf, 1)
+        self.last_reused_tokens = 0
+        """Prompt tokens the last generate() found already in the KV cache."""
+
+    # --- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path, options: LlamaCppOptions) -> LlamaCppLoader:
+        """Load `path` (a .gguf file, or a folder holding one) with `options`.
+
+        Raises BackendMissingError when llama-cpp-python is not installed, ModelLoadError
+        for a file that is not GGUF or that llama.cpp refuses (the app keeps serving).
+        """
+        lib = _import_backend(cls)
+        gguf_path = gguf_main_file(path)
+        header = read_gguf_metadata(gguf_path)
+        kwargs = llama_kwargs(gguf_path, options, header)
+        with _captured_llama_log(lib) as log:
+            try:
+                llm = lib.Llama(**kwargs)
+            except Exception as exc:  # llama.cpp reports every failure as some exception
+                raise ModelLoadError(_load_failure_message(gguf_path, exc, log)) from exc
+        try:
+            eog_ids = _eog_tokens(lib, llm)
+            info = _model_info(lib, llm, path, gguf_path, header, kwargs, eog_ids)
+        except Exception as exc:
+            llm.close()
+            raise ModelLoadError(f"{gguf_path.name} loaded but cannot be inspected: {exc}") from exc
+        return cls(lib, llm, info, eog_ids)
+
+    # --- tokenizer -------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`; special-token text such as `<|im_end|>` becomes that token.
+
+        BOS is added only when asked and the model wants one, and never twice (a prompt
+        rendered from a template often starts with the BOS text already).
+        """
+        with self._vocab_lock:
+            llm = self._require_loaded()
+            ids: list[int] = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        bos = self.info.bos_token_id
+        if add_bos and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+            del ids[0]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Text of `ids`; incomplete UTF-8 comes back as U+FFFD.
+
+        Uses llama_detokenize rather than Llama.detokenize, whose 32-byte piece buffer
+        silently truncates long tokens (runs of spaces in code vocabularies).
+        """
+        n_vocab = self.info.vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= n_vocab):
+            bad = next(t for t in ids if not 0 <= t < n_vocab)
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0-{n_vocab - 1})", "tokens")
+        lib = self._lib
+        tokens = (lib.llama_token * len(ids))(*ids)
+        size = 16 * len(ids) + 64
+        with self._vocab_lock:
+            self._require_loaded()
+            if not ids:
+                return ""
+            for _ in range(2):
+                buf = ctypes.create_string_buffer(size)
+                n = lib.llama_detokenize(self._vocab, tokens, len(ids), buf, size, False, not skip_special)
+                if n >= 0:
+                    return buf.raw[:n].decode("utf-8", errors="replace")
+                size = -n + 1  # a negative result is the size it needs
+        raise GenerationError(f"llama.cpp could not detokenize {len(ids)} tokens")
+
+    # --- generation ------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event) -> Iterator[int]:
+        """Yield sampled token ids after evaluating `prompt_ids` (see LoadedModel.generate).
+
+        The prompt reuses the longest prefix already in the KV cache, so the next chat turn
+        evaluates only its new tokens. Raises InvalidRequestError for a bad grammar,
+        ContextLengthExceededError for a prompt longer than the context, GenerationError
+        when llama.cpp fails to decode.
+        """
+        lib = self._lib
+        chain = None
+        try:
+            with self._lock:
+                llm = self._require_loaded()
+                self._epoch += 1
+                epoch = self._epoch
+                chain = self._new_chain(params, prompt_ids)
+                if not self._eval_prompt(llm, prompt_ids, stop_event):
+                    return
+                ctx = llm.ctx
+                token = lib.llama_sampler_sample(chain, ctx, -1)
+            # The hot path: everything it touches is bound to a local first.
+            n = llm.n_tokens
+            n_ctx = self.info.context_length
+            sample, decode = lib.llama_sampler_sample, lib.llama_decode
+            token_buf, batch, input_ids = self._token_buf, self._one_batch, llm.input_ids
+            lock, is_stopped = self._lock, stop_event.is_set
+            while True:
+                yield token
+                if is_stopped() or n >= n_ctx:
+                    return
+                with lock:
+                    if self._epoch != epoch:  # superseded by a newer generate() or unloaded
+                        return
+                    token_buf[0] = token
+                    code = decode(ctx, batch)
+                    if code != 0:
+                        raise GenerationError(f"llama.cpp failed to decode a token (llama_decode returned {code})")
+                    input_ids[n] = token
+                    n += 1
+                    llm.n_tokens = n
+                    token = sample(chain, ctx, -1)
+        finally:
+            if chain is not None:
+                lib.llama_sampler_free(chain)
+
+    def _new_chain(self, params: SamplingParams, prompt_ids: Sequence[int]) -> Any:
+        try:
+            return build_sampler_chain(self._lib, self._chain_context, params, prompt_ids)
+        except InvalidRequestError as exc:
+            if exc.param != "grammar_string":
+                raise
+            detail = _grammar_error_detail(self._lib, self._vocab, params.grammar_string)
+            if not detail:
+                raise
+            raise InvalidRequestError(f"{exc}: {detail}", exc.param) from None
+
+    def _eval_prompt(self, llm: Any, prompt: list[int], stop_event: threading.Event) -> bool:
+        """Bring the KV cache to `prompt`; False when stopped before it was done."""
+        n_ctx = self.info.context_length
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty: generation needs at least one token", "prompt")
+        if len(prompt) > n_ctx:
+            raise ContextLengthExceededError(
+                f"the prompt has {len(prompt)} tokens but the context holds {n_ctx}", "prompt"
+            )
+        if min(prompt) < 0 or max(prompt) >= self.info.vocab_size:
+            raise InvalidRequestError("the prompt holds token ids outside the vocabulary", "prompt")
+        reuse = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt)
+        # Evaluate at least the last prompt token: its logits are what the first sample reads.
+        reuse = min(reuse, len(prompt) - 1)
+        memory = self._lib.llama_get_memory(llm.ctx)
+        if reuse > 0 and self._lib.llama_memory_seq_rm(memory, -1, reuse, -1):
+            llm.n_tokens = reuse
+        else:  # nothing shared, or a recurrent model that cannot drop a suffix
+            reuse = 0
+            llm.reset()
+        self.last_reused_tokens = reuse
+        step = max(1, llm.n_batch)
+        for start in range(reuse, len(prompt), step):
+            if stop_event.is_set():
+                return False
+            try:
+                llm.eval(prompt[start : start + step])
+            except RuntimeError as exc:
+                raise GenerationError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
+        return not stop_event.is_set()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def unload(self) -> None:
+        """Free the model and its context now; later calls raise ModelNotLoadedError."""
+        with self._lock, self._vocab_lock:
+            self._epoch += 1  # a suspended generator returns instead of touching freed memory
+            llm, self._llm = self._llm, None
+            if llm is not None:
+                llm.close()
+
+    def _require_loaded(self) -> Any:
+        llm = self._llm
+        if llm is None:
+            raise ModelNotLoadedError(f"{self.info.name} has been unloaded")
+        return llm
+
+
+# --- load helpers ----------------------------------------------------------------------------
+def _import_backend(loader: type[LoaderBase]) -> Any:
+    reason = loader.unavailable_reason()
+    if reason:
+        raise BackendMissingError(reason)
+    try:
+        import llama_cpp
+    except (ImportError, OSError) as exc:  # OSError: the shared library itself failed to load
+        raise BackendMissingError(
+            f"llama-cpp-python is installed but cannot be imported ({exc}): {loader.install_hint}"
+        ) from exc
+    return llama_cpp
+
+
+def llama_kwargs(gguf_path: Path, options: LlamaCppOptions, header: dict[str, Any]) -> dict[str, Any]:
+    """The `llama_cpp.Llama(...)` arguments for `options`; ModelLoadError for bad values."""
+    if options.cache_type not in CACHE_TYPES:
+        raise ModelLoadError(f"cache_type must be one of {', '.join(CACHE_TYPES)}, got {options.cache_type!r}")
+    for name in ("ctx_size", "threads", "threads_batch"):
+        if getattr(options, name) < 0:
+            raise ModelLoadError(f"{name} must be 0 (automatic) or more, got {getattr(options, name)}")
+    if options.batch_size < 1:
+        raise ModelLoadError(f"batch_size must be at least 1, got {options.batch_size}")
+    threads = options.threads or physical_cores()
+    cache = CACHE_TYPES[options.cache_type]
+    kwargs: dict[str, Any] = dict(
+        model_path=str(gguf_path),
+        n_gpu_layers=options.n_gpu_layers,
+        n_ctx=options.ctx_size or min(trained_context(header) or FALLBACK_CONTEXT, MAX_AUTO_CONTEXT),
+        n_threads=threads,
+        n_threads_batch=options.threads_batch or threads,
+        n_batch=options.batch_size,
+        # llama.cpp refuses a quantised V cache without flash attention: turn it on.
+        flash_attn=options.flash_attn or options.cache_type in ("q8_0", "q4_0"),
+        type_k=cache,
+        type_v=cache,
+        tensor_split=_parse_tensor_split(options.tensor_split),
+        use_mmap=not options.no_mmap,
+        use_mlock=options.mlock,
+        verbose=False,
+    )
+    if options.rope_freq_base:
+        kwargs["rope_freq_base"] = options.rope_freq_base
+    if options.rope_freq_scale:
+        kwargs["rope_freq_scale"] = options.rope_freq_scale
+    return kwargs
+
+
+def _parse_tensor_split(text: str) -> list[float] | None:
+    if not text.strip():
+        return None
+    try:
+        parts = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ModelLoadError(f'tensor_split must be comma-separated numbers such as "3,1", got {text!r}') from None
+    if not parts or any(p < 0 for p in parts):
+        raise ModelLoadError(f"tensor_split must hold non-negative proportions, got {text!r}")
+    return parts
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (hyper-threads slow llama.cpp down)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    cores: set[tuple[str, str]] = set()
+    try:
+        physical = ""
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "physical id":
+                physical = value.strip()
+            elif key.strip() == "core id":
+                cores.add((physical, value.strip()))
+    except OSError:
+        pass
+    if cores:
+        return max(1, min(len(cores), usable))
+    return max(1, usable // 2)
+
+
+def trained_context(header: dict[str, Any]) -> int | None:
+    """`{architecture}.context_length` from the GGUF header, when present."""
+    value = header.get(f"{header.get('general.architecture', '')}.context_length")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _eog_tokens(lib: Any, llm: Any) -> tuple[int, ...]:
+    """Every end-of-generation token (EOS, EOT, <|im_end|>...), EOS first."""
+    vocab = lib.llama_model_get_vocab(llm.model)
+    is_eog = lib.llama_vocab_is_eog
+    found = [t for t in range(llm.n_vocab()) if is_eog(vocab, t)]
+    eos = llm.token_eos()
+    if eos in found:
+        found.remove(eos)
+        found.insert(0, eos)
+    return tuple(found)
+
+
+def _model_info(
+    lib: Any, llm: Any, path: Path, gguf_path: Path, header: dict[str, Any],
+    kwargs: dict[str, Any], eog_ids: tuple[int, ...],
+) -> ModelInfo:
+    vocab = lib.llama_model_get_vocab(llm.model)
+
+    def text(token: int) -> str | None:
+        if token < 0:
+            return None
+        return lib.llama_vocab_get_text(vocab, token).decode("utf-8", errors="replace")
+
+    bos, eos = llm.token_bos(), llm.token_eos()
+    specials = {
+        "bos_token": bos, "eos_token": eos,
+        "eot_token": lib.llama_vocab_eot(vocab), "pad_token": lib.llama_vocab_pad(vocab),
+    }
+    desc = ctypes.create_string_buffer(256)
+    lib.llama_model_desc(llm.model, desc, len(desc))
+    file_type = header.get("general.file_type")
+    template = header.get("tokenizer.chat_template") or llm.metadata.get("tokenizer.chat_template")
+    return ModelInfo(
+        name=path.name,
+        path=path,
+        loader=LlamaCppLoader.name,
+        # llama.cpp pads its context (to 256s) but Llama's token buffer holds what was asked.
+        context_length=min(llm.n_ctx(), len(llm.input_ids)),
+        vocab_size=llm.n_vocab(),
+        bos_token_id=bos if bos >= 0 else None,
+        eos_token_ids=eog_ids,
+        bos_token=text(bos),
+        eos_token=text(eos),
+        chat_template=template if isinstance(template, str) and template else None,
+        special_tokens={k: t for k, v in specials.items() if (t := text(v)) is not None},
+        metadata={
+            "architecture": header.get("general.architecture", llm.metadata.get("general.architecture")),
+            "file_type": FILE_TYPES.get(file_type, file_type) if isinstance(file_type, int) else file_type,
+            "description": desc.value.decode("utf-8", errors="replace"),
+            "parameters": lib.llama_model_n_params(llm.model),
+            "size_bytes": lib.llama_model_size(llm.model),
+            "gguf_file": gguf_path.name,
+            "trained_context": trained_context(header),
+            **{k: kwargs[k] for k in ("n_gpu_layers", "n_threads", "n_threads_batch", "n_batch", "flash_attn")},
+            "cache_type": next(name for name, t in CACHE_TYPES.items() if t == kwargs["type_k"]),
+            "mmap": kwargs["use_mmap"],
+            "mlock": kwargs["use_mlock"],
+        },
+    )
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# --- llama.cpp's log -------------------------------------------------------------------------
+_LOG_WARN, _LOG_ERROR, _LOG_CONT = 3, 4, 5  # enum ggml_log_level
+
+
+@contextlib.contextmanager
+def _captured_llama_log(lib: Any) -> Iterator[list[tuple[int, str]]]:
+    """Collect llama.cpp's warnings and errors while the block runs, as (level, text).
+
+    llama.cpp only logs why a load failed; the exception just says "failed". The callback
+    is process-wide, so the previous one (llama-cpp-python's) is put back afterwards.
+    """
+    lines: list[tuple[int, str]] = []
+    try:
+        from llama_cpp._logger import llama_log_callback as previous
+    except ImportError:  # a future llama-cpp-python moved it: do without the detail
+        yield lines
+        return
+
+    @lib.llama_log_callback
+    def capture(level: int, text: bytes, user_data: Any) -> None:
+        if level == _LOG_CONT and lines:
+            level = lines[-1][0]
+            lines[-1] = (level, lines[-1][1] + text.decode("utf-8", errors="replace"))
+        elif level in (_LOG_WARN, _LOG_ERROR):
+            lines.append((level, text.decode("utf-8", errors="replace")))
+        previous(level, text, user_data)
+
+    lib.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        lib.llama_log_set(previous, ctypes.c_void_p(0))
+
+
+def _first_error_line(lines: list[tuple[int, str]]) -> str:
+    """The first error llama.cpp logged (the cause; later ones say "failed"), else its first warning."""
+    errors = [text for level, text in lines if level == _LOG_ERROR] or [text for _, text in lines]
+    text = errors[0].strip() if errors else ""
+    line = text.splitlines()[0].strip() if text else ""
+    head, sep, rest = line.partition(": ")
+    return rest if sep and head.isidentifier() else line
+
+
+def _grammar_error_detail(lib: Any, vocab: Any, grammar: str) -> str:
+    """Why llama.cpp rejects `grammar`.
+
+    Its GBNF parser writes the reason with fprintf(stderr) and the later checks use the
+    log, so the failed parse is repeated with both captured: the log callback, and file
+    descriptor 2 sent to a temporary file for that instant.
+    """
+    with _captured_llama_log(lib) as log, tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(capture.fileno(), 2)
+            sampler = lib.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+            if sampler:
+                lib.llama_sampler_free(sampler)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        printed = capture.read().decode("utf-8", errors="replace")
+    for line in printed.splitlines():
+        if "error parsing grammar:" in line:
+            return line.split("error parsing grammar:", 1)[1].strip()
+    return _first_error_line(log)
+
+
+def _load_failure_message(gguf_path: Path, exc: Exception, log: list[tuple[int, str]]) -> str:
+    detail = _first_error_line(log) or str(exc) or type(exc).__name__
+    return f"llama.cpp could not load {gguf_path.name}: {detail}"
+
+
+# --- GGUF header -----------------------------------------------------------------------------
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The key/value header of a GGUF file: scalars and strings (arrays are skipped).
+
+    Cheap (the file is memory-mapped and the tensors are never read) and strict: a file
+    that does not start with b"GGUF" or whose header is cut short raises ModelLoadError,
+    before llama.cpp ever sees it.
+    """
+    invalid = f"{path.name} is not a valid GGUF file"
+    try:
+        with path.open("rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ModelLoadError(f"{invalid} (it does not start with the GGUF magic bytes)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return _parse_gguf_header(mm, invalid)
+    except OSError as exc:
+        raise ModelLoadError(f"{path.name} cannot be read: {exc}") from exc
+
+
+def _parse_gguf_header(mm: mmap.mmap, invalid: str) -> dict[str, Any]:
+    pos = 4
+
+    def take(fmt: str) -> Any:
+        nonlocal pos
+        value = struct.unpack_from(fmt, mm, pos)[0]
+        pos += struct.calcsize(fmt)
+        return value
+
+    def take_string() -> str:
+        nonlocal pos
+        length = take("<Q")
+        if pos + length > len(mm):
+            raise struct.error("string past the end of the file")
+        pos += length
+        return mm[pos - length : pos].decode("utf-8", errors="replace")
+
+    def take_value(kind: int) -> Any:
+        nonlocal pos
+        if kind in _GGUF_SCALARS:
+            return take(_GGUF_SCALARS[kind])
+        if kind == _GGUF_STRING:
+            return take_string()
+        if kind == _GGUF_ARRAY:
+            item_kind, count = take("<I"), take("<Q")
+            if item_kind in _GGUF_SCALARS:  # fixed size: jump over the lot
+                pos += count * struct.calcsize(_GGUF_SCALARS[item_kind])
+            else:
+                for _ in range(count):
+                    take_value(item_kind)
+            return None
+        raise struct.error(f"unknown value type {kind}")
+
+    try:
+        version = take("<I")
+        if version not in (2, 3):
+            raise ModelLoadError(f"{invalid} (GGUF version {version} is not supported)")
+        _n_tensors, n_kv = take("<Q"), take("<Q")
+        header: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = take_string()
+            value = take_value(take("<I"))
+            if value is not None:
+                header[key] = value
+            if pos > len(mm):
+                raise struct.error("header past the end of the file")
+        return header
+    except (struct.error, IndexError, OverflowError) as exc:
+        raise ModelLoadError(f"{invalid} (its header is damaged or cut short)") from exc
