@@ -1,0 +1,466 @@
+"""The Transformers backend: Hugging Face model folders (safetensors) on CPU or CUDA.
+
+`TransformersLoader.load(path, options)` opens a folder with AutoModelForCausalLM and
+AutoTokenizer, never touching the network (`local_files_only`). Generation is our own
+token loop over the model's KV cache, with the samplers of loaders/torch_samplers.py, so
+every sampler the UI offers behaves the same here as in the other loaders.
+
+torch and transformers are imported inside functions only: the app starts, and lists this
+loader as unavailable with the install command, when they are missing.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import inspect
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loaders import PICKLE_SUFFIXES, register_loader
+from loaders.base import Capabilities, LoaderBase, ModelInfo
+from loaders.torch_samplers import SamplerChain, dry_breaker_sequences
+from modules.errors import (
+    BackendMissingError,
+    ContextLengthExceededError,
+    GenerationError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelNotLoadedError,
+    UnsupportedOptionError,
+    WorkbenchError,
+)
+from modules.sampling import SAMPLER_NAMES, SamplingParams
+
+if TYPE_CHECKING:
+    import torch
+
+INSTALL_HINT = "pip install -r requirements.txt"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+#: Prompt tokens evaluated per forward pass: bounds the memory of a long prompt's
+#: activations and lets a cancel land between chunks.
+PREFILL_CHUNK = 512
+#: Context length when neither the config nor the tokenizer gives a believable one.
+FALLBACK_CONTEXT_LENGTH = 2048
+#: tokenizer.model_max_length above this is transformers' "no limit" placeholder (1e30).
+_SANE_MODEL_MAX_LENGTH = 10_000_000
+#: Breaker tokenizations cached per loaded model; cleared past this many distinct lists.
+_BREAKER_CACHE_SIZE = 64
+
+
+@dataclass
+class TransformersOptions:
+    """How to load a Transformers model folder."""
+
+    dtype: str = "auto"
+    """auto | float32 | float16 | bfloat16; auto is bfloat16 on CUDA (float16 without bf16
+    support) and float32 on CPU."""
+    cpu: bool = False
+    """Run on the CPU even when a CUDA GPU is present."""
+    load_in_8bit: bool = False
+    """Quantise the weights to 8 bits at load with bitsandbytes (CUDA only)."""
+    load_in_4bit: bool = False
+    """Quantise the weights to 4 bits (NF4) at load with bitsandbytes (CUDA only)."""
+    trust_remote_code: bool = False
+    """Run the Python code a model folder ships (needed by some architectures)."""
+    allow_pickle: bool = False
+    """Load pickled .bin weights when a folder has no safetensors (read with weights_only=True)."""
+
+
+@register_loader
+class TransformersLoader(LoaderBase):
+    """A Hugging Face causal LM in memory; implements loaders.base.LoadedModel.
+
+    Build it with `load()`. After `unload()` every call raises ModelNotLoadedError.
+    """
+
+    name = "transformers"
+    package = "transformers"
+    install_hint = INSTALL_HINT
+    options_class = TransformersOptions
+    capabilities = Capabilities(samplers=frozenset(SAMPLER_NAMES), grammar=False, devices=("cpu", "cuda"))
+
+    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo) -> None:
+        self._model: Any = model
+        self._tokenizer: Any = tokenizer
+        self.info = info
+        self._device = model.device
+        self._logits_size = info.vocab_size
+        # Ids past the tokenizer's vocabulary are padding rows of the embedding: never sample them.
+        self._valid_vocab = min(len(tokenizer), info.vocab_size)
+        self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._breaker_cache: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
+        self._vocab_texts: list[str] | None = None
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when torch and transformers can be imported, else what to install."""
+        missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+        if missing:
+            return f"the {cls.name} loader needs {' and '.join(missing)}: {INSTALL_HINT}"
+        return None
+
+    # --- loading -----------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path, options: TransformersOptions) -> TransformersLoader:
+        """Load the model folder at `path`.
+
+        Raises BackendMissingError (torch, transformers or bitsandbytes missing),
+        UnsupportedOptionError (8/4-bit without CUDA, an unknown dtype, both 8 and 4 bits),
+        ModelLoadError (no config or weights, pickles without allow_pickle, a model that
+        needs trust_remote_code, or any failure inside Transformers, with its message).
+        """
+        path = Path(path)
+        use_safetensors = _check_folder(path, options)
+        torch, transformers = _import_backend()
+        _check_remote_code(path, options, transformers)
+        device, dtype = _resolve_device_and_dtype(torch, options)
+        kwargs = _model_kwargs(transformers, options, device, dtype, use_safetensors)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                str(path), trust_remote_code=options.trust_remote_code, local_files_only=True
+            )
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        except WorkbenchError:
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ModelLoadError(
+                f"out of GPU memory loading {path.name}: try load_in_4bit, a smaller model or --cpu"
+            ) from exc
+        except Exception as exc:
+            raise ModelLoadError(
+                f"Transformers could not load {path.name}: {type(exc).__name__}: {exc}"
+            ) from exc
+        model.eval()
+        return cls(model, tokenizer, _build_info(path, model, tokenizer, options))
+
+    # --- tokens ------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`; special-token text maps to the special token. BOS is
+        prepended when `add_bos`, the model has one and the ids do not start with it."""
+        tokenizer = self._require_tokenizer()
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        bos = self.info.bos_token_id
+        if add_bos and bos is not None and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Text of `ids`; an incomplete UTF-8 sequence comes back as U+FFFD."""
+        tokenizer = self._require_tokenizer()
+        # No clean-up of spaces: it rewrites " ." into "." once the dot arrives, so the text
+        # of a prefix would change as tokens stream in.
+        return tokenizer.decode(
+            [int(i) for i in ids], skip_special_tokens=skip_special, clean_up_tokenization_spaces=False
+        )
+
+    # --- generation --------------------------------------------------------------------
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event
+    ) -> Iterator[int]:
+        """Yield sampled token ids after evaluating `prompt_ids` (see LoadedModel.generate).
+
+        Stops when `stop_event` is set (checked before each step and between prompt
+        chunks) or when prompt + reply fill the context. Raises InvalidRequestError for an
+        empty prompt or ids outside the vocabulary, ContextLengthExceededError for a prompt
+        longer than the context, GenerationError when the backend fails.
+        """
+        import torch
+
+        model = self._require_model()
+        context = self.info.context_length
+        self._check_prompt(prompt_ids)
+        chain = SamplerChain(
+            params,
+            vocab_size=self._logits_size,
+            device=self._device,
+            eos_token_ids=self.info.eos_token_ids,
+            dry_breakers=self._dry_breakers(params),
+            valid_vocab=self._valid_vocab,
+        )
+        history = torch.zeros(context, dtype=torch.long, device=self._device)
+        count = len(prompt_ids)
+        history[:count] = torch.tensor(prompt_ids, dtype=torch.long)
+        if count >= context:
+            return
+        logits, cache = self._prefill(model, history[:count], stop_event)
+        while logits is not None and not stop_event.is_set():
+            with torch.inference_mode():
+                token = chain.sample(logits, history[:count])
+            history[count] = token
+            count += 1
+            yield token
+            if count >= context or stop_event.is_set():
+                return
+            logits, cache = self._forward(model, history[count - 1 : count], cache)
+
+    def _prefill(
+        self, model: Any, prompt: torch.Tensor, stop_event: threading.Event
+    ) -> tuple[torch.Tensor | None, Any]:
+        """Evaluate the prompt in chunks; (last logits, cache), or (None, None) if cancelled."""
+        logits, cache = None, None
+        for start in range(0, prompt.numel(), PREFILL_CHUNK):
+            if stop_event.is_set():
+                return None, None
+            logits, cache = self._forward(model, prompt[start : start + PREFILL_CHUNK], cache)
+        return logits, cache
+
+    def _forward(self, model: Any, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One forward pass over `ids` (1-D) after `cache`: (float32 logits of the last
+        position on the sampling device, the grown cache)."""
+        import torch
+
+        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._has_logits_to_keep else {}
+        try:
+            with torch.inference_mode():
+                out = model(input_ids=ids.unsqueeze(0), past_key_values=cache, use_cache=True, **kwargs)
+                logits = out.logits[0, -1].to(self._device, torch.float32)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise GenerationError("out of GPU memory during generation: shorten the prompt") from exc
+        except RuntimeError as exc:
+            raise GenerationError(f"the model failed during generation: {exc}") from exc
+        return logits, out.past_key_values
+
+    def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty: at least one token is needed", "prompt")
+        if len(prompt_ids) > self.info.context_length:
+            raise ContextLengthExceededError(
+                f"the prompt has {len(prompt_ids)} tokens but the model's context holds "
+                f"{self.info.context_length}",
+                "prompt",
+            )
+        low, high = min(prompt_ids), max(prompt_ids)
+        if low < 0 or high >= self._logits_size:
+            bad = low if low < 0 else high
+            raise InvalidRequestError(
+                f"prompt token id {bad} is outside the vocabulary (0-{self._logits_size - 1})", "prompt"
+            )
+
+    def _dry_breakers(self, params: SamplingParams) -> list[tuple[int, ...]]:
+        """DRY's breaker strings as token sequences (worked out once per distinct list)."""
+        if params.dry_multiplier <= 0 or not params.dry_sequence_breakers:
+            return []
+        key = tuple(params.dry_sequence_breakers)
+        if key not in self._breaker_cache:
+            if len(self._breaker_cache) >= _BREAKER_CACHE_SIZE:
+                self._breaker_cache.clear()
+            tokenizer = self._require_tokenizer()
+            if self._vocab_texts is None:
+                self._vocab_texts = _vocab_texts(tokenizer, self._valid_vocab)
+            encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+            self._breaker_cache[key] = dry_breaker_sequences(key, encode, self._vocab_texts)
+        return self._breaker_cache[key]
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def unload(self) -> None:
+        """Drop the model and tokenizer and give their memory back now (GPU included)."""
+        on_cuda = self._model is not None and self._device.type == "cuda"
+        self._model = None
+        self._tokenizer = None
+        gc.collect()
+        if on_cuda:
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def _require_model(self) -> Any:
+        if self._model is None:
+            raise ModelNotLoadedError(f"{self.info.name} has been unloaded")
+        return self._model
+
+    def _require_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            raise ModelNotLoadedError(f"{self.info.name} has been unloaded")
+        return self._tokenizer
+
+
+def _vocab_texts(tokenizer: Any, size: int) -> list[str]:
+    """The text of each token id below `size`, so that tokens merely containing a DRY breaker
+    (newline pairs, ".\\n") break repeats too. Once per model: the Rust tokenizer decodes 128k
+    tokens in ~0.1 s where the Python batch_decode loop takes ~1 s."""
+    singles = [[tid] for tid in range(size)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return list(backend.decode_batch(singles, skip_special_tokens=False))
+    return list(tokenizer.batch_decode(singles, clean_up_tokenization_spaces=False))
+
+
+# --- load helpers ----------------------------------------------------------------------
+def _import_backend() -> tuple[Any, Any]:
+    """(torch, transformers), or BackendMissingError naming the install command."""
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        missing = exc.name or "torch/transformers"
+        raise BackendMissingError(
+            f"the transformers loader needs the '{missing}' package: {INSTALL_HINT}"
+        ) from exc
+    return torch, transformers
+
+
+def _check_folder(path: Path, options: TransformersOptions) -> bool:
+    """True when the folder has safetensors weights, False when only pickles (allowed)."""
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is not a model folder")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path.name} has no config.json: not a Transformers model folder")
+    files = [p for p in path.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return True
+    if any(p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin" for p in files):
+        if not options.allow_pickle:
+            raise ModelLoadError(
+                f"{path.name} has only pickled .bin weights, which can run code when opened; "
+                "load it with --allow-pickle if you trust it (they are read with weights_only=True), "
+                "or convert it to safetensors"
+            )
+        return False
+    raise ModelLoadError(f"{path.name} has a config.json but no .safetensors (or .bin) weights")
+
+
+def _check_remote_code(path: Path, options: TransformersOptions, transformers: Any) -> None:
+    """Refuse early, and say why, when the architecture exists only as the folder's own code."""
+    if options.trust_remote_code:
+        return
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path.name}/config.json cannot be read: {exc}") from None
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type and model_type not in CONFIG_MAPPING and "auto_map" in config:
+        raise ModelLoadError(
+            f"{path.name} is a '{model_type}' model, which Transformers {transformers.__version__} only runs "
+            "with the Python code shipped in the folder: enable trust_remote_code if you trust its source"
+        )
+
+
+def _resolve_device_and_dtype(torch: Any, options: TransformersOptions) -> tuple[str, Any]:
+    """("cuda" | "cpu", torch dtype) for these options; UnsupportedOptionError when impossible."""
+    if options.dtype not in DTYPES:
+        raise UnsupportedOptionError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+    if options.load_in_8bit and options.load_in_4bit:
+        raise UnsupportedOptionError("choose one of load_in_8bit and load_in_4bit, not both")
+    device = "cuda" if torch.cuda.is_available() and not options.cpu else "cpu"
+    if (options.load_in_8bit or options.load_in_4bit) and device != "cuda":
+        bits = 8 if options.load_in_8bit else 4
+        why = "--cpu was given" if options.cpu else "no CUDA GPU is available"
+        raise UnsupportedOptionError(
+            f"load_in_{bits}bit needs a CUDA GPU (bitsandbytes) but {why}; "
+            "turn it off, or use a GGUF quant with the llama.cpp loader on CPU"
+        )
+    if options.dtype != "auto":
+        return device, getattr(torch, options.dtype)
+    if device == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch.float32
+
+
+def _model_kwargs(
+    transformers: Any, options: TransformersOptions, device: str, dtype: Any, use_safetensors: bool
+) -> dict[str, Any]:
+    """Keyword arguments for AutoModelForCausalLM.from_pretrained."""
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": options.trust_remote_code,
+        "use_safetensors": use_safetensors,
+        "weights_only": True,  # a pickle may only hold tensors, never code
+        "local_files_only": True,
+    }
+    if device == "cuda":
+        kwargs["device_map"] = "auto"  # accelerate spreads layers over the GPUs (and CPU if needed)
+    if options.load_in_8bit or options.load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise BackendMissingError("load_in_8bit/load_in_4bit need bitsandbytes: pip install bitsandbytes")
+        if options.load_in_8bit:
+            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(load_in_8bit=True)
+        else:
+            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+            )
+    return kwargs
+
+
+def _build_info(path: Path, model: Any, tokenizer: Any, options: TransformersOptions) -> ModelInfo:
+    """What the engine needs to know about the loaded model."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab_size = getattr(text_config, "vocab_size", None) or model.get_output_embeddings().weight.shape[0]
+    quantization = "8-bit (bitsandbytes)" if options.load_in_8bit else None
+    quantization = "4-bit NF4 (bitsandbytes)" if options.load_in_4bit else quantization
+    return ModelInfo(
+        name=path.name,
+        path=path,
+        loader=TransformersLoader.name,
+        context_length=_context_length(text_config, tokenizer),
+        vocab_size=int(vocab_size),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=_eos_token_ids(model, text_config, tokenizer),
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        chat_template=_chat_template(path, tokenizer),
+        special_tokens=dict(tokenizer.special_tokens_map),
+        metadata={
+            "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+            "model_type": getattr(config, "model_type", None),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "device": str(model.device),
+            # Where accelerate put the layers (empty on CPU): the distinct devices, not every layer.
+            "devices": sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}),
+            "parameters": int(model.num_parameters()),
+            "quantization": quantization,
+            "trust_remote_code": options.trust_remote_code,
+        },
+    )
+
+
+def _context_length(text_config: Any, tokenizer: Any) -> int:
+    """max_position_embeddings, else the tokenizer's model_max_length when believable."""
+    length = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(length, int) and length > 0:
+        return length
+    length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(length, int) and 0 < length < _SANE_MODEL_MAX_LENGTH:
+        return length
+    return FALLBACK_CONTEXT_LENGTH
+
+
+def _eos_token_ids(model: Any, text_config: Any, tokenizer: Any) -> tuple[int, ...]:
+    """Every id that ends a turn: generation_config's (often a list), the config's and the
+    tokenizer's eos, in that order without duplicates."""
+    generation_config = getattr(model, "generation_config", None)
+    sources = [
+        getattr(generation_config, "eos_token_id", None),
+        getattr(text_config, "eos_token_id", None),
+        tokenizer.eos_token_id,
+    ]
+    ids: list[int] = []
+    for value in sources:
+        for tid in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(tid, int) and tid >= 0 and tid not in ids:
+                ids.append(tid)
+    return tuple(ids)
+
+
+def _chat_template(path: Path, tokenizer: Any) -> str | None:
+    """The tokenizer's chat template (the default one when it has several), else the
+    folder's chat_template.jinja."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
+    if isinstance(template, str) and template.strip():
+        return template
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    return None

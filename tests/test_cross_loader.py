@@ -1,0 +1,61 @@
+"""The same weights give the same greedy tokens through llama.cpp and Transformers.
+
+The kit writes one random Llama as an HF folder (fp32 safetensors) and as an f32 GGUF.
+With f32 weights and an f32 KV cache (cache_type f32), the two backends' logits agree to
+~1e-6, so 32 greedy steps from the same prompt ids must be identical; a q/k permutation,
+RoPE or tokenizer mistake in either loader breaks this within a few tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+
+from loaders.llama_cpp import LlamaCppLoader, LlamaCppOptions
+from loaders.transformers import TransformersLoader, TransformersOptions
+from modules.sampling import SamplingParams
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("transformers")
+
+PROMPTS = [
+    "The lighthouse keeper",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+    "Привет, как дела? 🙂",
+]
+
+
+@pytest.fixture(scope="module")
+def both(tiny_kit):
+    cpp = LlamaCppLoader.load(tiny_kit.gguf_f32, LlamaCppOptions(ctx_size=256, threads=1, threads_batch=1,
+                                                                   cache_type="f32"))
+    hf = TransformersLoader.load(tiny_kit.hf_dir, TransformersOptions(dtype="float32", cpu=True))
+    yield cpp, hf
+    cpp.unload()
+    hf.unload()
+
+
+def greedy(model, ids, n=32):
+    params = SamplingParams(temperature=0, max_new_tokens=n, ban_eos_token=True)
+    return list(itertools.islice(model.generate(ids, params, threading.Event()), n))
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_tokens_are_identical_across_loaders(both, prompt):
+    cpp, hf = both
+    ids = cpp.encode(prompt)
+    assert ids == hf.encode(prompt)
+    got_cpp, got_hf = greedy(cpp, ids), greedy(hf, ids)
+    assert len(got_cpp) == 32
+    assert got_cpp == got_hf
+    assert len(set(got_cpp)) > 3  # a real sequence, not one collapsed token
+
+
+def test_both_loaders_read_the_same_model_facts(both):
+    cpp, hf = both
+    assert cpp.info.vocab_size == hf.info.vocab_size
+    assert cpp.info.bos_token_id == hf.info.bos_token_id
+    assert set(hf.info.eos_token_ids) <= set(cpp.info.eos_token_ids)
+    assert cpp.info.chat_template and cpp.info.chat_template == hf.info.chat_template
