@@ -66,7 +66,7 @@ def create_ui(app: App) -> None:
 
     generate.click(on_generate, [prompt] + params_in, [output, info], concurrency_limit=4, api_name="generate")
     prompt.submit(on_generate, [prompt] + params_in, [output, info], concurrency_limit=4, api_visibility="private")
-    stop.click(on_stop, None, None, queue=False)
+    stop.click(on_stop, None, None, concurrency_limit=None, api_visibility="private")
 
 
 def _params(max_new: float, temperature: float, top_p: float, top_k: float, min_p: float,

@@ -30,8 +30,7 @@ def create_ui(app: App) -> None:
         with gr.Group(visible=status.name == initial) as group:
             if not status.available:
                 gr.Markdown(f"**Unavailable:** {status.reason}")
-            for name in status.option_names:
-                inputs.append(setting_component(name, getattr(app.settings, name)))
+            inputs.extend(_option_grid(app, status.option_names))
         groups[status.name] = group
         names_by_loader[status.name] = status.option_names
     with gr.Row():
@@ -74,6 +73,22 @@ def create_ui(app: App) -> None:
     refresh.click(on_refresh, None, model)
     load.click(on_load, [model, loader] + inputs, status_line, api_name="load_model")
     unload.click(on_unload, None, status_line, api_name="unload_model")
+
+
+def _option_grid(app: App, names: tuple[str, ...], per_row: int = 4) -> list[Any]:
+    """Option inputs laid out in rows (fields first, then the check boxes), in `names` order."""
+    fields = [n for n in names if not isinstance(getattr(app.settings, n), bool)]
+    boxes = [n for n in names if isinstance(getattr(app.settings, n), bool)]
+    built: dict[str, Any] = {}
+    for start in range(0, len(fields), per_row):
+        with gr.Row():
+            for name in fields[start : start + per_row]:
+                built[name] = setting_component(name, getattr(app.settings, name))
+    if boxes:
+        with gr.Row():
+            for name in boxes:
+                built[name] = setting_component(name, getattr(app.settings, name))
+    return [built[n] for n in names]
 
 
 def _chosen_loader(app: App, name: str | None, loader_name: str) -> str | None:
