@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     app = App.create(settings, ROOT)
     if settings.api:
         log.warning("--api: the HTTP API is not part of this version yet; serving the web UI only")
+    if settings.extensions:
+        log.warning("--extensions %s: extensions are not part of this version yet", " ".join(settings.extensions))
     if settings.listen and not settings.gradio_auth:
         log.warning("--listen without --gradio-auth: anyone on your network can use this UI")
     app.load_startup_model()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,12 @@ class App:
     @property
     def settings_path(self) -> Path:
         return resolve_path(self.root, self.settings.settings)
+
+    def update_settings(self, **changes: object) -> Settings:
+        """Replace some settings (validated again) for everything that reads them from now on."""
+        self.settings = dataclasses.replace(self.settings, **changes)  # type: ignore[arg-type]
+        self.models.settings = self.settings
+        return self.settings
 
     def save_settings(self) -> Path:
         """Write the persisted settings to the settings file, atomically."""

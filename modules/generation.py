@@ -156,6 +156,8 @@ class Generator:
             params = params.replace(seed=random.randrange(2**31))
         _check_capabilities(model, params)
         ids, dropped = fit_prompt(model, job.prompt, params)
+        if log.isEnabledFor(logging.DEBUG):  # --verbose: show exactly what the model sees
+            log.debug("prompt (%d tokens, %d cut):\n%s", len(ids), dropped, model.decode(ids, skip_special=False))
         eos = frozenset(model.info.eos_token_ids) if not params.ban_eos_token else frozenset()
         detok = IncrementalDetokenizer(
             lambda t: model.decode(t, skip_special=params.skip_special_tokens), ids

@@ -54,13 +54,15 @@ class LoadReport:
     context_length: int
     ram_bytes: int
     gpu_bytes: int
+    chat_template: bool = False
 
     def summary(self) -> str:
         mem = f"{self.ram_bytes / 2**30:.2f} GiB RAM"
         if self.gpu_bytes:
             mem += f", {self.gpu_bytes / 2**30:.2f} GiB VRAM"
+        template = "its own chat template" if self.chat_template else "no chat template of its own"
         return (f"Loaded {self.name} with {self.loader} in {self.seconds:.1f} s; "
-                f"context {self.context_length} tokens; {mem}.")
+                f"context {self.context_length} tokens; {mem}; {template}.")
 
 
 class ModelManager:
@@ -146,6 +148,7 @@ class ModelManager:
                 name=name, loader=lname, reason=reason, seconds=seconds,
                 context_length=model.info.context_length,
                 ram_bytes=max(0, _ram_bytes() - ram0), gpu_bytes=max(0, _gpu_bytes() - gpu0),
+                chat_template=bool(model.info.chat_template),
             )
         log.info(self.report.summary())
         return self.report

@@ -171,3 +171,14 @@ def test_load_waits_for_a_running_generation(app, fake):
     assert done.is_set()
     assert rest[-1].text == "d" * 40  # the reply finished on the old model before the load ran
     assert fake.unloaded
+
+
+def test_verbose_logs_the_prompt_the_model_sees(app, fake, caplog):
+    fake.script = [EOS]
+    with caplog.at_level("DEBUG", logger="modules.generation"):
+        collect(app, "secret prompt")
+    assert any("secret prompt" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="modules.generation"):
+        collect(app, "quiet prompt")
+    assert not any("quiet prompt" in r.getMessage() for r in caplog.records)

@@ -102,5 +102,8 @@ def test_model_tab_loads_refuses_a_corrupt_file_and_keeps_serving(tmp_path, tiny
         text, _ = client.predict("Hello", 8, 0, 1, 0, 0, 1, 1, "", api_name="/generate")
         assert text
         assert client.predict(api_name="/unload_model") == "No model loaded."
+        assert "Saved" in client.predict(api_name="/save_settings")
+        saved = (tmp_path / "settings.yaml").read_text()
+        assert "ctx_size: 256" in saved and "threads: 1" in saved
     finally:
         stop(proc)

@@ -36,6 +36,7 @@ def create_ui(app: App) -> None:
     with gr.Row():
         load = gr.Button("Load", variant="primary")
         unload = gr.Button("Unload")
+        save = gr.Button("Save settings")
     status_line = gr.Markdown(_status(app))
 
     option_names = [n for s in statuses for n in s.option_names]
@@ -64,6 +65,14 @@ def create_ui(app: App) -> None:
             return f"**Could not load {name}:** {type(exc).__name__}: {exc}"
         return _status(app)
 
+    def on_save(*values: Any) -> str:
+        try:
+            app.update_settings(**{n: _clean(v) for n, v in zip(option_names, values, strict=True)})
+            path = app.save_settings()
+        except (WorkbenchError, OSError) as exc:
+            return f"**Could not save the settings:** {exc}"
+        return f"Saved the loader options to {path.name}; they apply to the next load and the next start."
+
     def on_unload() -> str:
         app.models.unload()
         return _status(app)
@@ -73,6 +82,7 @@ def create_ui(app: App) -> None:
     refresh.click(on_refresh, None, model)
     load.click(on_load, [model, loader] + inputs, status_line, api_name="load_model")
     unload.click(on_unload, None, status_line, api_name="unload_model")
+    save.click(on_save, inputs, status_line, api_name="save_settings")
 
 
 def _option_grid(app: App, names: tuple[str, ...], per_row: int = 4) -> list[Any]:
