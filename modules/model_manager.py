@@ -101,7 +101,7 @@ class ModelManager:
         return [f"{folder.name}/{g}" for g in ggufs]
 
     def path_of(self, name: str) -> Path:
-        path = safe_join(self.models_dir, name)
+        path = safe_join(self.models_dir, name, subfolders=True, what="model")
         if not path.exists():
             raise ModelNotFoundError(f"no model named {name!r} in {self.models_dir}", "model")
         return path

@@ -1,44 +1,112 @@
-"""Safe paths for user-given names, and atomic writes for user files."""
+"""Safe paths for user-given names, and atomic writes for user files.
+
+Every name a user gives (a character, chat, template, preset, persona, model) goes
+through `safe_join` before it touches the disk. The rules are strict on purpose and the
+same on every OS, so a chat name that is fine on Linux cannot become a traversal or a
+device name when the same folder is used from Windows.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from modules.errors import UnsafePathError
 
+MAX_NAME_LENGTH = 200
+"""Characters in one name; file systems allow 255 bytes, and a suffix may be added."""
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+_PERCENT_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 
-def safe_join(folder: Path, name: str) -> Path:
+
+def check_name(name: object, what: str = "name") -> str:
+    """`name` if it is a plain file name (no folders), else UnsafePathError saying why.
+
+    Refused: empty or over-long names, path separators (/ and \\), `.` and `..`, NUL and
+    control characters, drive letters and other colons, percent-escapes (a URL-encoded
+    `../` must not turn into one later), names ending in a dot or space, and Windows
+    device names (CON, NUL, COM1...).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise UnsafePathError(f"the {what} must be a non-empty name", what)
+    reason = _name_problem(name)
+    if reason:
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise UnsafePathError(f"{shown!r} is not a valid {what}: {reason}", what)
+    return name
+
+
+def _name_problem(name: str) -> str | None:
+    if len(name) > MAX_NAME_LENGTH:
+        return f"longer than {MAX_NAME_LENGTH} characters"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    if name in (".", ".."):
+        return "it names a folder, not a file"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "it contains a control character"
+    if ":" in name:
+        return "it contains a colon (drive letters and streams are not allowed)"
+    if _PERCENT_ESCAPE.search(name):
+        return "it contains a URL-encoded character"
+    if name != name.rstrip(". "):
+        return "it ends with a dot or a space"
+    if name.split(".")[0].strip().lower() in _WINDOWS_DEVICES:
+        return "it is a reserved device name on Windows"
+    return None
+
+
+def safe_join(folder: Path, name: str, *, subfolders: bool = False, what: str = "name") -> Path:
     """`folder/name`, refusing any name that would resolve outside `folder`.
 
-    Absolute paths, `..` segments and symlinks pointing out are all refused: a user-given
-    name (a model, a character, a preset) must stay inside its folder.
+    With `subfolders`, `name` may be `a/b` (each part checked on its own), as model names
+    such as `org_repo/model.Q4_K_M.gguf` are. Symlinks that point out of the folder are
+    refused too, since the check is made on the resolved path.
     """
-    if not name or "\x00" in name or Path(name).is_absolute() or name.startswith(("/", "\\")):
-        raise UnsafePathError(f"{name!r} is not a valid name here", "name")
+    if not isinstance(name, str):
+        raise UnsafePathError(f"the {what} must be text", what)
+    parts = name.split("/") if subfolders else [name]
+    for part in parts:
+        check_name(part, what)
     base = folder.resolve()
-    target = (base / name).resolve()
-    if target != base and base not in target.parents:
-        raise UnsafePathError(f"{name!r} points outside {folder.name}/", "name")
-    if target == base:
-        raise UnsafePathError(f"{name!r} is not a valid name here", "name")
+    target = base.joinpath(*parts).resolve()
+    if base not in target.parents:
+        raise UnsafePathError(f"{name!r} points outside {folder.name}/", what)
     return target
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a crash leaves either the old file or the new one.
+    """Write `text` to `path` so that a crash leaves either the old file or the new one."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
-    Temp file in the same folder, fsync, then rename over the target.
-    """
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same folder, fsync, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,78 @@
+"""The chat engine's data: messages with swipes, chats, characters and personas.
+
+Plain dataclasses shared by the prompt builder, the history store, the character store
+and the two faces. Behaviour lives in the modules beside this one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+ROLES = (USER, ASSISTANT, SYSTEM)
+
+
+@dataclass
+class Message:
+    """One turn. An assistant turn may hold several alternative replies (swipes).
+
+    `content` is always the selected swipe's text; `swipes` is empty for a turn that was
+    never regenerated. `visible` is what the UI shows when an extension rewrote the text
+    for display (e.g. a translation); None means the same as `content`.
+    """
+
+    role: str
+    content: str
+    swipes: list[str] = field(default_factory=list)
+    swipe_index: int = 0
+    visible: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Free-form extras kept with the message (timestamps, model name, extension data)."""
+
+    @property
+    def shown(self) -> str:
+        return self.content if self.visible is None else self.visible
+
+
+@dataclass
+class Chat:
+    """A saved conversation with one character."""
+
+    character: str
+    """The character's name (its file stem in characters/)."""
+    messages: list[Message] = field(default_factory=list)
+    id: str = ""
+    """The file stem under logs/chat/CHARACTER/; empty until first saved."""
+    title: str = ""
+    created: str = ""
+    updated: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Character:
+    """Who the model plays. ooba's YAML fields plus what a TavernAI card carries.
+
+    `context` is the block placed at the top of the prompt (description, personality,
+    scenario); `example_dialogue` uses `{{user}}` / `{{char}}` placeholders and
+    `<START>` separators like TavernAI's `mes_example`.
+    """
+
+    name: str
+    greeting: str = ""
+    context: str = ""
+    example_dialogue: str = ""
+    picture: Path | None = None
+    alternate_greetings: list[str] = field(default_factory=list)
+    card: dict[str, Any] = field(default_factory=dict)
+    """The imported card's extra fields (creator, tags, system_prompt...), kept for export."""
+
+
+@dataclass
+class Persona:
+    """Who the user is in the chat: a name and an optional description."""
+
+    name: str = "You"
+    description: str = ""
