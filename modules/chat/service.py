@@ -1,0 +1,223 @@
+"""Chat actions over the generator: send, regenerate (a new swipe), continue, start the
+reply with given words, impersonate, swipe, edit, remove the last exchange.
+
+Each generating action returns a ChatStream: iterate it for GenerationChunks while the
+chat's last message is updated in place, so the UI redraws from the chat and the API
+sends the deltas. The chat is saved when the stream ends, also when it was stopped, so a
+half-written reply is never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from modules.chat.prompt import (
+    CHAT,
+    CONTINUE,
+    DEFAULT_CHAT_INSTRUCT_COMMAND,
+    GREETING_META,
+    IMPERSONATE,
+    REPLY,
+    BuiltPrompt,
+    PromptOptions,
+    Renderer,
+    build_prompt,
+    greeting_message,
+)
+from modules.chat.types import ASSISTANT, USER, Character, Chat, Message, Persona
+from modules.errors import InvalidRequestError
+from modules.generation import GenerationChunk, Generator, Stream
+from modules.model_manager import ModelManager
+from modules.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChatSetup:
+    """Who talks, how the prompt is shaped and which template renders it."""
+
+    character: Character
+    persona: Persona
+    mode: str = CHAT
+    template: str = ""
+    """Jinja2 source of the instruction template (instruct and chat-instruct modes)."""
+    chat_instruct_command: str = DEFAULT_CHAT_INSTRUCT_COMMAND
+    system_message: str = ""
+
+
+class ChatStream:
+    """Chunks of one chat action; `text` is the message as it stands, `cancel()` stops it."""
+
+    def __init__(self, stream: Stream, apply: Callable[[str], None], prefix: str, strip_leading: bool,
+                 on_end: Callable[[], None], prompt: BuiltPrompt) -> None:
+        self._stream = stream
+        self._apply = apply
+        self._prefix = prefix
+        self._strip = strip_leading
+        self._on_end = on_end
+        self.prompt = prompt
+        self.text = prefix
+        self.last: GenerationChunk | None = None
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        try:
+            for chunk in self._stream:
+                generated = chunk.text.lstrip() if self._strip else chunk.text
+                if chunk.finish_reason:
+                    generated = generated.rstrip()
+                self.text = self._prefix + generated
+                self._apply(self.text)
+                self.last = chunk
+                yield chunk
+        finally:
+            self._stream.cancel()
+            self._on_end()
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    def result(self) -> str:
+        for _ in self:
+            pass
+        return self.text
+
+
+class ChatService:
+    """The chat actions; one per App, shared by the UI and the API."""
+
+    def __init__(self, generator: Generator, models: ModelManager, renderer: Renderer,
+                 save: Callable[[Chat], object] | None = None) -> None:
+        self.generator = generator
+        self.models = models
+        self.renderer = renderer
+        self._save = save
+
+    # --- building ---------------------------------------------------------------------
+    def new_chat(self, setup: ChatSetup) -> Chat:
+        """A fresh chat with the character; it opens with the greeting outside instruct mode."""
+        chat = Chat(character=setup.character.name)
+        greeting = greeting_message(setup.character, setup.persona)
+        if greeting is not None and setup.mode != "instruct":
+            chat.messages.append(greeting)
+        return chat
+
+    def build(self, messages: list[Message], setup: ChatSetup, params: SamplingParams,
+              action: str = REPLY, partial: str = "") -> BuiltPrompt:
+        """The prompt the model would get, fitted to the loaded model's context."""
+        model = self.models.require()
+        window = model.info.context_length
+        budget = min(params.truncation_length or window, window) - params.max_new_tokens
+        options = PromptOptions(
+            mode=setup.mode, template=setup.template, chat_instruct_command=setup.chat_instruct_command,
+            system_message=setup.system_message, bos_token=model.info.bos_token or "",
+            eos_token=model.info.eos_token or "", extra_stop=list(params.stop),
+        )
+        return build_prompt(messages, setup.character, setup.persona, options, self.renderer,
+                            lambda text: len(model.encode(text, add_bos=params.add_bos_token)), budget,
+                            action, partial)
+
+    # --- generating actions ----------------------------------------------------------
+    def send(self, chat: Chat, text: str, setup: ChatSetup, params: SamplingParams,
+             start_reply_with: str = "") -> ChatStream:
+        """Add the user's message and stream the character's reply."""
+        if not text.strip() and not start_reply_with:
+            raise InvalidRequestError("the message is empty", "text")
+        user, reply = Message(USER, text), Message(ASSISTANT, start_reply_with)
+        pending = [*chat.messages, user, reply]
+        if start_reply_with:
+            prompt = self.build(pending, setup, params, CONTINUE)
+        else:
+            prompt = self.build(pending[:-1], setup, params, REPLY)
+        chat.messages += [user, reply]  # only once the prompt is built: a refused send leaves the chat as it was
+        return self._start(chat, prompt, params, lambda t: _set_content(reply, t), start_reply_with,
+                           strip=not start_reply_with)
+
+    def regenerate(self, chat: Chat, setup: ChatSetup, params: SamplingParams) -> ChatStream:
+        """A new alternative for the last reply, kept beside the old ones as a swipe."""
+        last = _last_reply(chat)
+        prompt = self.build(chat.messages[:-1], setup, params, REPLY)
+        if not last.swipes:
+            last.swipes = [last.content]
+        last.swipes.append("")
+        last.swipe_index = len(last.swipes) - 1
+        return self._start(chat, prompt, params, lambda t: _set_content(last, t), "", strip=True)
+
+    def continue_(self, chat: Chat, setup: ChatSetup, params: SamplingParams) -> ChatStream:
+        """Extend the last reply where it stopped."""
+        last = _last_reply(chat, allow_greeting=True)
+        prompt = self.build(chat.messages, setup, params, CONTINUE)
+        return self._start(chat, prompt, params, lambda t: _set_content(last, t), last.content, strip=False)
+
+    def impersonate(self, chat: Chat, setup: ChatSetup, params: SamplingParams, partial: str = "") -> ChatStream:
+        """Write the user's next message (shown in the input box, not added to the chat)."""
+        prompt = self.build(chat.messages, setup, params, IMPERSONATE, partial)
+        prefix = f"{partial} " if partial and not partial.endswith(" ") else partial
+        return self._start(None, prompt, params, lambda t: None, prefix, strip=True)
+
+    def _start(self, chat: Chat | None, prompt: BuiltPrompt, params: SamplingParams,
+               apply: Callable[[str], None], prefix: str, strip: bool) -> ChatStream:
+        stops = list(dict.fromkeys([*params.stop, *prompt.stop]))
+        stream = self.generator.submit(prompt.text, params.replace(stop=stops))
+
+        def on_end() -> None:
+            if chat is not None and self._save is not None:
+                try:
+                    self._save(chat)
+                except Exception:  # noqa: BLE001 - a failed save is logged; the reply stays in memory
+                    log.exception("could not save the chat with %s", chat.character)
+
+        return ChatStream(stream, apply, prefix, strip, on_end, prompt)
+
+    # --- editing -----------------------------------------------------------------------
+    @staticmethod
+    def swipe(chat: Chat, index: int) -> Message:
+        """Show alternative `index` (negative counts from the end) of the last reply."""
+        last = _last_reply(chat, allow_greeting=True)
+        if not last.swipes:
+            raise InvalidRequestError("the last reply has no alternatives yet: regenerate first", "swipe")
+        if not -len(last.swipes) <= index < len(last.swipes):
+            raise InvalidRequestError(f"there are {len(last.swipes)} alternatives; no number {index}", "swipe")
+        last.swipe_index = index % len(last.swipes)
+        last.content = last.swipes[last.swipe_index]
+        return last
+
+    @staticmethod
+    def edit(chat: Chat, index: int, text: str) -> Message:
+        """Replace the text of message `index` (the shown alternative, for a reply)."""
+        if not -len(chat.messages) <= index < len(chat.messages):
+            raise InvalidRequestError(f"the chat has no message number {index}", "index")
+        message = chat.messages[index]
+        _set_content(message, text)
+        message.visible = None
+        return message
+
+    @staticmethod
+    def remove_last(chat: Chat) -> str:
+        """Remove the last exchange; returns the user's text so it can go back to the input box."""
+        removable = [m for m in chat.messages if not m.meta.get(GREETING_META)]
+        if not removable:
+            raise InvalidRequestError("there is nothing to remove", "messages")
+        user_text = ""
+        if chat.messages[-1].role == ASSISTANT and not chat.messages[-1].meta.get(GREETING_META):
+            chat.messages.pop()
+        if chat.messages and chat.messages[-1].role == USER:
+            user_text = chat.messages.pop().content
+        return user_text
+
+
+def _set_content(message: Message, text: str) -> None:
+    message.content = text
+    if message.swipes:
+        message.swipes[message.swipe_index] = text
+
+
+def _last_reply(chat: Chat, allow_greeting: bool = False) -> Message:
+    if not chat.messages or chat.messages[-1].role != ASSISTANT:
+        raise InvalidRequestError("the chat does not end with a reply", "messages")
+    last = chat.messages[-1]
+    if last.meta.get(GREETING_META) and not allow_greeting:
+        raise InvalidRequestError("the greeting cannot be regenerated; send a message first", "messages")
+    return last

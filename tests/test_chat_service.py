@@ -1,0 +1,123 @@
+"""Chat actions over the generator, on the scripted fake loader."""
+
+from __future__ import annotations
+
+import pytest
+
+from modules.chat.service import ChatService, ChatSetup
+from modules.chat.types import ASSISTANT, USER, Character, Persona
+from modules.errors import ContextLengthExceededError, InvalidRequestError
+from modules.sampling import SamplingParams
+from tests.fakes import EOS, script_text
+from tests.test_chat_prompt import SimpleRenderer
+
+ALICE = Character(name="Alice", greeting="Hello!", context="Alice is a librarian.")
+SETUP = ChatSetup(character=ALICE, persona=Persona(name="Bob"))
+PARAMS = SamplingParams(temperature=0, max_new_tokens=40)
+
+
+@pytest.fixture
+def fake(app):
+    app.models.load("fake.gguf", loader="fake", overrides={"ctx_size": 512})
+    return app.models.current
+
+
+@pytest.fixture
+def service(app, fake):
+    saved = []
+    svc = ChatService(app.generator, app.models, SimpleRenderer(), save=lambda chat: saved.append(
+        [m.content for m in chat.messages]))
+    svc.saved = saved
+    return svc
+
+
+def prompt_seen(fake) -> str:
+    return bytes(i for i in fake.seen_prompts[-1] if i < 256).decode()
+
+
+def test_send_streams_the_reply_into_the_chat_and_saves_it(service, fake):
+    chat = service.new_chat(SETUP)
+    assert [m.content for m in chat.messages] == ["Hello!"]
+    fake.script = script_text(" Hi Bob.\nBob: stolen turn")
+    stream = service.send(chat, "Hello Alice", SETUP, PARAMS)
+    texts = [chat.messages[-1].content for _ in stream]
+    assert chat.messages[-1].content == "Hi Bob."
+    assert texts[-1] == "Hi Bob."
+    assert [m.role for m in chat.messages] == [ASSISTANT, USER, ASSISTANT]
+    assert prompt_seen(fake).endswith("Alice: Hello!\nBob: Hello Alice\nAlice:")
+    assert service.saved[-1] == ["Hello!", "Hello Alice", "Hi Bob."]
+
+
+def test_regenerate_keeps_alternatives_as_swipes(service, fake):
+    chat = service.new_chat(SETUP)
+    fake.script = script_text(" first") + [EOS]
+    service.send(chat, "Hi", SETUP, PARAMS).result()
+    fake.script = script_text(" second") + [EOS]
+    service.regenerate(chat, SETUP, PARAMS).result()
+    last = chat.messages[-1]
+    assert last.swipes == ["first", "second"] and last.content == "second" and last.swipe_index == 1
+    assert prompt_seen(fake).endswith("Bob: Hi\nAlice:")  # the old reply is not in the prompt
+    ChatService.swipe(chat, 0)
+    assert last.content == "first"
+    with pytest.raises(InvalidRequestError):
+        ChatService.swipe(chat, 5)
+
+
+def test_continue_extends_the_last_reply(service, fake):
+    chat = service.new_chat(SETUP)
+    fake.script = script_text(" Once") + [EOS]
+    service.send(chat, "Tell a story", SETUP, PARAMS).result()
+    fake.script = script_text(" upon a time") + [EOS]
+    service.continue_(chat, SETUP, PARAMS).result()
+    assert chat.messages[-1].content == "Once upon a time"
+    assert prompt_seen(fake).endswith("Alice: Once")
+
+
+def test_start_reply_with(service, fake):
+    chat = service.new_chat(SETUP)
+    fake.script = script_text(" sure thing") + [EOS]
+    service.send(chat, "Help?", SETUP, PARAMS, start_reply_with="Of course,").result()
+    assert chat.messages[-1].content == "Of course, sure thing"
+    assert prompt_seen(fake).endswith("Bob: Help?\nAlice: Of course,")
+
+
+def test_impersonate_writes_the_users_turn_without_touching_the_chat(service, fake):
+    chat = service.new_chat(SETUP)
+    fake.script = script_text(" I would like a map.\nAlice: no") + [EOS]
+    text = service.impersonate(chat, SETUP, PARAMS).result()
+    assert text == "I would like a map."
+    assert len(chat.messages) == 1
+    assert prompt_seen(fake).endswith("Alice: Hello!\nBob:")
+
+
+def test_stop_keeps_the_partial_reply_and_saves_it(service, fake):
+    chat = service.new_chat(SETUP)
+    fake.script = script_text(" " + "word " * 30)
+    fake.step_delay = 0.002
+    stream = service.send(chat, "Talk", SETUP, PARAMS)
+    for chunk in stream:
+        if chunk.completion_tokens > 10:
+            stream.cancel()
+    assert chat.messages[-1].content.startswith("word")
+    assert service.saved[-1][-1] == chat.messages[-1].content
+
+
+def test_edit_and_remove_last(service, fake):
+    chat = service.new_chat(SETUP)
+    fake.script = script_text(" reply") + [EOS]
+    service.send(chat, "question", SETUP, PARAMS).result()
+    ChatService.edit(chat, -1, "edited reply")
+    assert chat.messages[-1].content == "edited reply"
+    assert ChatService.remove_last(chat) == "question"
+    assert [m.content for m in chat.messages] == ["Hello!"]
+    with pytest.raises(InvalidRequestError):
+        ChatService.remove_last(chat)
+    with pytest.raises(InvalidRequestError):
+        service.regenerate(chat, SETUP, PARAMS)  # the greeting is not regenerated
+
+
+def test_a_refused_send_leaves_the_chat_unchanged(service, fake):
+    chat = service.new_chat(SETUP)
+    with pytest.raises(ContextLengthExceededError):
+        service.send(chat, "x " * 300, SETUP, PARAMS.replace(max_new_tokens=60))
+    assert len(chat.messages) == 1
