@@ -7,6 +7,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from modules.chat.characters import CharacterStore, PersonaStore
+from modules.chat.history import HistoryStore
+from modules.chat.service import ChatService
+from modules.chat.templates import TemplateRenderer, TemplateStore
 from modules.generation import Generator
 from modules.model_manager import ModelManager
 from modules.paths import atomic_write_text
@@ -17,17 +21,34 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class App:
-    """Settings, the model manager and the generator; passed to the UI and the API."""
+    """Settings, the model manager, the generator and the chat parts; passed to the UI and the API.
+
+    User data lives under `root`: characters/, personas/, instruction-templates/,
+    logs/chat/ and models/config.yaml (model-name patterns for templates).
+    """
 
     root: Path
     settings: Settings
     models: ModelManager
     generator: Generator
+    characters: CharacterStore
+    personas: PersonaStore
+    templates: TemplateStore
+    history: HistoryStore
+    chat: ChatService
 
     @classmethod
     def create(cls, settings: Settings, root: Path) -> App:
         models = ModelManager(settings, resolve_path(root, settings.models_dir))
-        return cls(root=root, settings=settings, models=models, generator=Generator(models))
+        generator = Generator(models)
+        renderer = TemplateRenderer()
+        templates = TemplateStore(root / "instruction-templates", renderer)
+        history = HistoryStore(root / "logs" / "chat")
+        chat = ChatService(generator, models, renderer, save=history.save, templates=templates,
+                           patterns_file=root / "models" / "config.yaml")
+        return cls(root=root, settings=settings, models=models, generator=generator,
+                   characters=CharacterStore(root / "characters"), personas=PersonaStore(root / "personas"),
+                   templates=templates, history=history, chat=chat)
 
     @property
     def settings_path(self) -> Path:

@@ -31,8 +31,20 @@ class ModelNotLoadedError(WorkbenchError):
     """A generation or tokenizer call came while no model is loaded."""
 
 
-class ModelNotFoundError(InvalidRequestError):
+class NotFoundError(InvalidRequestError):
+    """A named thing (model, chat, template, character) does not exist: a 404 in the API."""
+
+
+class ModelNotFoundError(NotFoundError):
     """The named model is not in the models folder."""
+
+
+class ChatNotFoundError(NotFoundError):
+    """No saved chat has that id for that character."""
+
+
+class TemplateNotFoundError(NotFoundError):
+    """No instruction template of that name in instruction-templates/."""
 
 
 class ModelLoadError(WorkbenchError):

@@ -21,7 +21,7 @@ import yaml
 
 from modules.chat import cards
 from modules.chat.types import Character, Persona
-from modules.errors import InvalidRequestError, UnsafePathError
+from modules.errors import InvalidRequestError, NotFoundError, UnsafePathError
 from modules.paths import MAX_NAME_LENGTH, atomic_write_bytes, atomic_write_text, check_name, safe_join
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -206,8 +206,8 @@ class _YamlFolder:
         shown = f"{self.folder.name}/{path.name}"
         return _parse_yaml(path.read_bytes(), shown), shown
 
-    def _missing(self, name: str) -> InvalidRequestError:
-        return InvalidRequestError(f"there is no {self.noun} named {name!r} in {self.folder.name}/", param="name")
+    def _missing(self, name: str) -> NotFoundError:
+        return NotFoundError(f"there is no {self.noun} named {name!r} in {self.folder.name}/", param="name")
 
     def _delete(self, name: str, suffixes: tuple[str, ...]) -> bool:
         """Remove NAME+suffix for each suffix; whether any existed.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from modules.chat.prompt import (
     CHAT,
@@ -26,6 +27,7 @@ from modules.chat.prompt import (
     build_prompt,
     greeting_message,
 )
+from modules.chat.templates import TemplateChoice, TemplateStore, choose_template, load_model_patterns
 from modules.chat.types import ASSISTANT, USER, Character, Chat, Message, Persona
 from modules.errors import InvalidRequestError
 from modules.generation import GenerationChunk, Generator, Stream
@@ -89,11 +91,24 @@ class ChatService:
     """The chat actions; one per App, shared by the UI and the API."""
 
     def __init__(self, generator: Generator, models: ModelManager, renderer: Renderer,
-                 save: Callable[[Chat], object] | None = None) -> None:
+                 save: Callable[[Chat], object] | None = None,
+                 templates: TemplateStore | None = None, patterns_file: Path | None = None) -> None:
         self.generator = generator
         self.models = models
         self.renderer = renderer
         self._save = save
+        self.templates = templates
+        self.patterns_file = patterns_file
+
+    def choose_template(self, user_choice: str | None = None) -> TemplateChoice:
+        """The instruction template for the loaded model: the user's choice, else the model's
+        own, else the first models/config.yaml pattern matching its name, else ChatML."""
+        if self.templates is None:
+            raise InvalidRequestError("no instruction templates are available", "instruction_template")
+        model = self.models.current
+        patterns = load_model_patterns(self.patterns_file) if self.patterns_file else []
+        return choose_template(self.models.name or "", model.info.chat_template if model else None,
+                               user_choice, self.templates, patterns)
 
     # --- building ---------------------------------------------------------------------
     def new_chat(self, setup: ChatSetup) -> Chat:

@@ -34,7 +34,7 @@ import jinja2.nodes
 import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from modules.errors import InvalidRequestError
+from modules.errors import InvalidRequestError, TemplateNotFoundError
 from modules.paths import atomic_write_text, check_name, safe_join
 
 PARAM = "instruction_template"
@@ -59,10 +59,6 @@ CHATML_SOURCE = (
     "{%- endif %}"
 )
 """The fallback's source, used when instruction-templates/ChatML.yaml is missing too."""
-
-
-class TemplateNotFoundError(InvalidRequestError):
-    """No instruction template of that name in instruction-templates/."""
 
 
 # ----------------------------------------------------------------------------- rendering
