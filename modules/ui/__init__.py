@@ -1,6 +1,8 @@
-"""The Gradio face of the engine: one module per tab, each with `create_ui(app)`.
+"""The Gradio face of the engine: one module per tab, each with `create_ui(app, ...)`.
 
-Handlers only wire components to engine calls; no generation logic lives here.
+Handlers only wire components to engine calls; no generation logic lives here. The
+sampler settings of a browser session live in one gr.State made here and written by the
+Parameters tab (see modules/ui/common.py).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import gradio as gr
 
 from modules.app import App
 from modules.ui import default_tab, model_tab
+from modules.ui.common import default_params
 
 TITLE = "LLM Workbench"
 
@@ -18,8 +21,9 @@ TITLE = "LLM Workbench"
 def create_ui(app: App) -> gr.Blocks:
     """Build the Blocks app over `app`; the caller launches it."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        params = gr.State(default_params())
         with gr.Tab("Default"):
-            default_tab.create_ui(app)
+            default_tab.create_ui(app, params)
         with gr.Tab("Model"):
             model_tab.create_ui(app)
     return demo

@@ -14,7 +14,7 @@ from modules.generation import Stream
 from modules.sampling import SamplingParams, parse_stop_strings
 
 
-def create_ui(app: App) -> None:
+def create_ui(app: App, params_state: gr.State | None = None) -> None:
     # One running stream per browser session, so Stop in one tab never stops another's.
     running: dict[str, Stream] = {}
     with gr.Row():
