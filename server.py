@@ -52,13 +52,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from modules.ui import create_ui, launch_options
 
-    demo = create_ui(app)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        demo.queue(default_concurrency_limit=8).launch(
-            server_name=settings.host, server_port=settings.listen_port,
-            auth=parse_auth(settings.gradio_auth), **launch_options(),
-        )
+        while True:
+            demo = create_ui(app)
+            demo.queue(default_concurrency_limit=8).launch(
+                server_name=settings.host, server_port=settings.listen_port,
+                auth=parse_auth(settings.gradio_auth), prevent_thread_lock=True, **launch_options(),
+            )
+            app.restart_requested.wait()  # until the Session tab asks for a fresh UI
+            app.restart_requested.clear()
+            log.info("restarting the UI")
+            demo.close()
+            settings = app.settings
     finally:
         app.close()
     return 0

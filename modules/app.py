@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ class App:
     templates: TemplateStore
     history: HistoryStore
     chat: ChatService
+    restart_requested: threading.Event = dataclasses.field(default_factory=threading.Event)
+    """Set by the Session tab's Restart button; server.py rebuilds the UI (the model stays loaded)."""
 
     @classmethod
     def create(cls, settings: Settings, root: Path) -> App:
