@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from modules.errors import ModelNotFoundError, UnsafePathError
+from tests.traversal_payloads import TRAVERSAL_PAYLOADS
 
 
 def test_lists_gguf_files_and_model_folders(app):
@@ -53,3 +54,10 @@ def test_loader_statuses_list_options(app):
     statuses = {s.name: s for s in app.models.loader_statuses()}
     assert "ctx_size" in statuses["llama.cpp"].option_names
     assert "dtype" in statuses["transformers"].option_names
+
+
+@pytest.mark.parametrize("name", TRAVERSAL_PAYLOADS)
+def test_every_traversal_payload_is_refused_as_a_model_name(app, name):
+    with pytest.raises((UnsafePathError, ModelNotFoundError)):
+        app.models.load(name)
+    assert app.models.current is None
