@@ -39,8 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     from modules.app import App
 
     app = App.create(settings, ROOT)
+    api_server = None
     if settings.api:
-        log.warning("--api: the HTTP API is not part of this version yet; serving the web UI only")
+        if settings.listen and not settings.api_key:
+            log.warning("--listen without --api-key: anyone on your network can use the API")
+        from modules.api import serve_in_thread
+
+        api_server = serve_in_thread(app, settings.host, settings.api_port)
     if settings.extensions:
         log.warning("--extensions %s: extensions are not part of this version yet", " ".join(settings.extensions))
     if settings.listen and not settings.gradio_auth:
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             demo.close()
             settings = app.settings
     finally:
+        if api_server is not None:
+            api_server.should_exit = True
         app.close()
     return 0
 

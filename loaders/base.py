@@ -31,6 +31,17 @@ class Capabilities:
     """GBNF grammars (`grammar_string`)."""
     devices: tuple[str, ...] = ("cpu",)
     """Where it runs: "cpu", "cuda", "metal"."""
+    logprobs: bool = False
+    """Reports token log-probabilities (see LoadedModel.generate)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The model's raw log-probability of a sampled token, and its top alternatives."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+    """(token id, log-probability) pairs, most likely first."""
 
 
 @dataclass
@@ -75,7 +86,9 @@ class LoadedModel(Protocol):
 
         Honours every sampler in `params` the loader declares, the seed, logit bias, token
         bans and `ban_eos_token` (EOS is masked). It yields EOS like any other token: the
-        caller decides to stop. It returns when `stop_event` is set (checked before each
+        caller decides to stop. When `params.logprobs` is N > 0 and the loader declares the
+        `logprobs` capability, its `last_logprobs` attribute holds the TokenLogprobs (top N)
+        of the token just yielded, read by the caller before it asks for the next one. It returns when `stop_event` is set (checked before each
         step) or when the context window is full. The caller may close it at any time.
         """
         ...

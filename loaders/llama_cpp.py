@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loaders import gguf_main_file, register_loader
-from loaders.base import Capabilities, LoaderBase, ModelInfo
+from loaders.base import Capabilities, LoaderBase, ModelInfo, TokenLogprobs
 from loaders.llama_cpp_sampler import ChainContext, build_sampler_chain
 from modules.errors import (
     BackendMissingError,
@@ -96,7 +96,8 @@ class LlamaCppLoader(LoaderBase):
     package = "llama_cpp"
     install_hint = "run start_linux.sh again, or: bash scripts/install_llama_cpp.sh PYTHON cpu|cuda"
     options_class = LlamaCppOptions
-    capabilities = Capabilities(samplers=frozenset(SAMPLER_NAMES), grammar=True, devices=("cpu", "cuda", "metal"))
+    capabilities = Capabilities(samplers=frozenset(SAMPLER_NAMES), grammar=True, devices=("cpu", "cuda", "metal"),
+                                logprobs=True)
 
     def __init__(self, lib: Any, llm: Any, info: ModelInfo, eog_ids: tuple[int, ...]) -> None:
         self.info = info
@@ -114,6 +115,8 @@ class LlamaCppLoader(LoaderBase):
         self._one_batch = lib.llama_batch_get_one(self._token_buf, 1)
         self.last_reused_tokens = 0
         """Prompt tokens the last generate() found already in the KV cache."""
+        self.last_logprobs: TokenLogprobs | None = None
+        """The last yielded token's log-probabilities, when the request asked for them."""
 
     # --- loading -------------------------------------------------------------------------
     @classmethod
@@ -201,6 +204,9 @@ class LlamaCppLoader(LoaderBase):
                     return
                 ctx = llm.ctx
                 token = lib.llama_sampler_sample(chain, ctx, -1)
+                want = params.logprobs
+                if want:
+                    self.last_logprobs = _token_logprobs(lib, ctx, self.info.vocab_size, token, want)
             # The hot path: everything it touches is bound to a local first.
             n = llm.n_tokens
             n_ctx = self.info.context_length
@@ -222,6 +228,8 @@ class LlamaCppLoader(LoaderBase):
                     n += 1
                     llm.n_tokens = n
                     token = sample(chain, ctx, -1)
+                    if want:
+                        self.last_logprobs = _token_logprobs(lib, ctx, self.info.vocab_size, token, want)
         finally:
             if chain is not None:
                 lib.llama_sampler_free(chain)
@@ -282,6 +290,22 @@ class LlamaCppLoader(LoaderBase):
         if llm is None:
             raise ModelNotLoadedError(f"{self.info.name} has been unloaded")
         return llm
+
+
+def _token_logprobs(lib: Any, ctx: Any, n_vocab: int, token: int, top_n: int) -> TokenLogprobs:
+    """The raw next-token distribution's log-probability of `token` and its top `top_n`.
+
+    Reads the context's last logits row (the sampler chain works on a copy, so these are
+    the model's own numbers, before temperature or truncation).
+    """
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).astype(np.float64)
+    peak = logits.max()
+    logprobs = logits - peak - np.log(np.exp(logits - peak).sum())
+    top = np.argpartition(-logprobs, top_n - 1)[:top_n] if top_n < n_vocab else np.arange(n_vocab)
+    top = top[np.argsort(-logprobs[top])]
+    return TokenLogprobs(float(logprobs[token]), tuple((int(t), float(logprobs[t])) for t in top))
 
 
 # --- load helpers ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loaders import PICKLE_SUFFIXES, register_loader
-from loaders.base import Capabilities, LoaderBase, ModelInfo
+from loaders.base import Capabilities, LoaderBase, ModelInfo, TokenLogprobs
 from loaders.torch_samplers import SamplerChain, dry_breaker_sequences
 from modules.errors import (
     BackendMissingError,
@@ -82,7 +82,8 @@ class TransformersLoader(LoaderBase):
     package = "transformers"
     install_hint = INSTALL_HINT
     options_class = TransformersOptions
-    capabilities = Capabilities(samplers=frozenset(SAMPLER_NAMES), grammar=False, devices=("cpu", "cuda"))
+    capabilities = Capabilities(samplers=frozenset(SAMPLER_NAMES), grammar=False, devices=("cpu", "cuda"),
+                                logprobs=True)
 
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo) -> None:
         self._model: Any = model
@@ -92,6 +93,8 @@ class TransformersLoader(LoaderBase):
         self._logits_size = info.vocab_size
         # Ids past the tokenizer's vocabulary are padding rows of the embedding: never sample them.
         self._valid_vocab = min(len(tokenizer), info.vocab_size)
+        self.last_logprobs: TokenLogprobs | None = None
+        """The last yielded token's log-probabilities, when the request asked for them."""
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._breaker_cache: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
         self._vocab_texts: list[str] | None = None
@@ -188,9 +191,14 @@ class TransformersLoader(LoaderBase):
         if count >= context:
             return
         logits, cache = self._prefill(model, history[:count], stop_event)
+        want = params.logprobs
         while logits is not None and not stop_event.is_set():
             with torch.inference_mode():
+                # The raw distribution, taken before the samplers touch the logits.
+                raw = torch.log_softmax(logits[: self._valid_vocab].double(), dim=-1) if want else None
                 token = chain.sample(logits, history[:count])
+                if raw is not None:
+                    self.last_logprobs = _token_logprobs(raw, token, want)
             history[count] = token
             count += 1
             yield token
@@ -277,6 +285,12 @@ class TransformersLoader(LoaderBase):
         if self._tokenizer is None:
             raise ModelNotLoadedError(f"{self.info.name} has been unloaded")
         return self._tokenizer
+
+
+def _token_logprobs(logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprobs:
+    """`token`'s log-probability in the raw distribution and the `top_n` most likely tokens."""
+    values, ids = logprobs.topk(min(top_n, logprobs.numel()))
+    return TokenLogprobs(float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True)))
 
 
 def _vocab_texts(tokenizer: Any, size: int) -> list[str]:

@@ -32,6 +32,15 @@ FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's text and log-probability, with the most likely alternatives."""
+
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
 class GenerationChunk:
     """One step of a stream. The last chunk carries `finish_reason`."""
 
@@ -45,9 +54,11 @@ class GenerationChunk:
     seed: int | None = None
     truncated_tokens: int = 0
     """Prompt tokens dropped from the start to make room for the reply."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """With `SamplingParams.logprobs`: the tokens generated since the previous chunk."""
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: jobs live in a set
 class _Job:
     prompt: str | list[int]
     params: SamplingParams
@@ -106,6 +117,8 @@ class Generator:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._pending: set[_Job] = set()
+        self._pending_lock = threading.Lock()
 
     def submit(self, prompt: str | list[int], params: SamplingParams) -> Stream:
         """Queue a generation; iterate the returned stream for its chunks."""
@@ -114,9 +127,19 @@ class Generator:
         ):
             raise InvalidRequestError("prompt must be text or a list of token ids", "prompt")
         job = _Job(prompt, params)
+        with self._pending_lock:
+            self._pending.add(job)
         self._ensure_worker()
         self._queue.put(job)
         return Stream(job)
+
+    def cancel_all(self) -> int:
+        """Stop every queued and running generation, whoever started it (a "stop everything")."""
+        with self._pending_lock:
+            jobs = list(self._pending)
+        for job in jobs:
+            job.cancel.set()
+        return len(jobs)
 
     def generate(self, prompt: str | list[int], params: SamplingParams) -> GenerationChunk:
         """Blocking form of submit(): the final chunk, whose `.text` is the whole reply."""
@@ -148,6 +171,8 @@ class Generator:
                     log.exception("generation failed")
                 job.out.put(exc)
             finally:
+                with self._pending_lock:
+                    self._pending.discard(job)
                 job.out.put(_END)
 
     def _run(self, model: LoadedModel, job: _Job) -> Iterator[GenerationChunk]:
@@ -164,6 +189,7 @@ class Generator:
         )
         stopper = StopMatcher(params.stop)
         text, count, finish = "", 0, None
+        pending: list[TokenLogprob] = []
         tokens = model.generate(ids, params, job.cancel)
         try:
             for token in tokens:
@@ -171,10 +197,13 @@ class Generator:
                     finish = FINISH_STOP
                     break
                 count += 1
+                if params.logprobs:
+                    pending.append(_describe(model, token))
                 delta, hit = stopper.feed(detok.add(token))
                 if delta:
                     text += delta
-                    yield GenerationChunk(delta, text, len(ids), count, None, params.seed, dropped)
+                    yield GenerationChunk(delta, text, len(ids), count, None, params.seed, dropped, tuple(pending))
+                    pending = []
                 if hit:
                     finish = FINISH_STOP
                 elif count >= params.max_new_tokens:
@@ -189,7 +218,15 @@ class Generator:
             finish = FINISH_CANCELLED if job.cancel.is_set() else FINISH_LENGTH
         tail = "" if stopper.matched else _release(detok, stopper)
         text += tail
-        yield GenerationChunk(tail, text, len(ids), count, finish, params.seed, dropped)
+        yield GenerationChunk(tail, text, len(ids), count, finish, params.seed, dropped, tuple(pending))
+
+
+def _describe(model: LoadedModel, token: int) -> TokenLogprob:
+    """The loader's numbers for the token it just yielded, with token ids turned into text."""
+    numbers = model.last_logprobs  # type: ignore[attr-defined]
+    text = model.decode([token], skip_special=False)
+    top = tuple((model.decode([t], skip_special=False), lp) for t, lp in numbers.top)
+    return TokenLogprob(text, numbers.logprob, top)
 
 
 def _release(detok: IncrementalDetokenizer, stopper: StopMatcher) -> str:
@@ -230,6 +267,8 @@ def _check_capabilities(model: LoadedModel, params: SamplingParams) -> None:
             f"the {model.info.loader} loader does not support grammars; use a GGUF model with llama.cpp",
             "grammar_string",
         )
+    if params.logprobs and not caps.logprobs:
+        raise InvalidRequestError(f"the {model.info.loader} loader cannot report token probabilities", "logprobs")
     unsupported = [s for s in params.active_samplers() if s not in caps.samplers]
     if unsupported:
         log.warning("%s ignores these samplers: %s", model.info.loader, ", ".join(unsupported))

@@ -109,6 +109,8 @@ class SamplingParams:
     """Prepend the beginning-of-sequence token when the prompt does not start with it."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the returned text."""
+    logprobs: int = 0
+    """Report the log-probability of each generated token and of its top N alternatives; 0 is off."""
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -152,6 +154,7 @@ class SamplingParams:
         _check_range(self, "xtc_threshold", 0.0, 1.0)
         _check_range(self, "xtc_probability", 0.0, 1.0)
         _check_range(self, "truncation_length", 0, None)
+        _check_range(self, "logprobs", 0, 1000)
         if self.mirostat_mode not in (0, 1, 2):
             raise InvalidRequestError(
                 f"mirostat_mode must be 0, 1 or 2, got {self.mirostat_mode!r}", "mirostat_mode"

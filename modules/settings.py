@@ -70,12 +70,17 @@ class Settings:
     api_port: int = _opt(5000, "Server", "Port of the API.")
     api_key: str | None = _opt(None, "Server", "Require this key (Authorization: Bearer KEY) on API calls.",
                                persist=False)
+    api_cors_origins: str | None = _opt(None, "Server", "Browser origins allowed to call the API (CORS), comma-separated, "
+                                        'e.g. "http://localhost:8000" or "*"; none by default.')
     gradio_auth: str | None = _opt(None, "Server", 'Password-protect the UI: "user:password", several separated by commas.',
                                    persist=False)
     # Other
     settings: str = _opt("settings.yaml", "Other", "Settings file to load (and to save from the UI).", persist=False)
     extensions: list[str] = _opt([], "Other", "Extensions to load, by folder name in extensions/.", nargs="+")
     verbose: bool = _opt(False, "Other", "Log more, including the prompts sent to the model.")
+    theme: str = _opt("system", "Other", "Colour theme of the web UI: follow the browser (system), light or dark.",
+                      choices=("system", "light", "dark"))
+    presets_dir: str = _opt("presets", "Other", "Folder that holds the sampler presets (YAML).")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -59,3 +59,23 @@ def test_both_loaders_read_the_same_model_facts(both):
     assert cpp.info.bos_token_id == hf.info.bos_token_id
     assert set(hf.info.eos_token_ids) <= set(cpp.info.eos_token_ids)
     assert cpp.info.chat_template and cpp.info.chat_template == hf.info.chat_template
+
+
+def test_both_loaders_report_the_same_raw_logprobs(both):
+    cpp, hf = both
+    ids = cpp.encode("The lighthouse keeper")
+    params = SamplingParams(temperature=0, max_new_tokens=4, logprobs=5, ban_eos_token=True)
+    seen = []
+    for model in (cpp, hf):
+        steps = []
+        for token in itertools.islice(model.generate(ids, params, threading.Event()), 4):
+            numbers = model.last_logprobs
+            steps.append((token, numbers))
+        seen.append(steps)
+    for (tok_a, a), (tok_b, b) in zip(*seen, strict=True):
+        assert tok_a == tok_b
+        assert a.top[0][0] == tok_a  # greedy: the sampled token is the most likely one
+        assert abs(a.logprob - b.logprob) < 1e-4
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert all(x[1] >= y[1] for x, y in zip(a.top, a.top[1:], strict=False))
+        assert all(lp <= 0 for _, lp in a.top)

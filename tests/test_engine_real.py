@@ -70,3 +70,18 @@ def test_stop_string_and_utf8_through_a_real_model(real_app):
     cut = real_app.generator.generate("Привет", SAMPLED.replace(seed=3, max_new_tokens=40, stop=[stop]))
     assert cut.finish_reason == "stop"
     assert cut.text == full[: full.index(stop)]
+
+
+@pytest.mark.parametrize("name", ["tiny-f32.gguf", "tiny-hf"])
+def test_chunks_carry_the_logprobs_of_their_tokens(real_app, name):
+    real_app.models.load(name)
+    params = SamplingParams(temperature=0.8, max_new_tokens=12, ban_eos_token=True, seed=5, logprobs=3)
+    chunks = list(real_app.generator.submit("The sea", params))
+    steps = [lp for c in chunks for lp in c.logprobs]
+    assert len(steps) == chunks[-1].completion_tokens == 12
+    for step in steps:
+        assert len(step.top) == 3 and step.logprob <= 0
+        assert step.logprob <= step.top[0][1] + 1e-9
+    joined = "".join(s.text for s in steps)
+    if "\ufffd" not in joined:  # lone byte tokens only join into characters when decoded together
+        assert joined == chunks[-1].text

@@ -182,3 +182,15 @@ def test_verbose_logs_the_prompt_the_model_sees(app, fake, caplog):
     with caplog.at_level("INFO", logger="modules.generation"):
         collect(app, "quiet prompt")
     assert not any("quiet prompt" in r.getMessage() for r in caplog.records)
+
+
+def test_cancel_all_stops_running_and_queued_generations(app, fake):
+    fake.script = script_text("e" * 40)
+    fake.step_delay = 0.005
+    running = app.generator.submit("1", GREEDY)
+    queued = app.generator.submit("2", GREEDY)
+    next(iter(running))
+    assert app.generator.cancel_all() == 2
+    assert running.result().finish_reason == "cancelled"
+    assert queued.result().finish_reason == "cancelled"
+    assert app.generator.cancel_all() == 0

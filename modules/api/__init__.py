@@ -1,0 +1,77 @@
+"""The HTTP API: OpenAI-compatible, ooba's internal routes and KoboldAI, over the one App.
+
+`create_app(app)` builds the FastAPI application; `serve_in_thread(app)` runs it with
+uvicorn beside the UI in the same process, so both faces share the engine and its queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI
+
+from modules.api import internal_routes, kobold_routes, openai_routes
+from modules.api.auth import require_key
+from modules.api.errors import install_error_handlers
+from modules.api.state import ApiState, get_state
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from modules.app import App
+
+__all__ = ["ApiState", "create_app", "get_state", "serve_in_thread"]
+log = logging.getLogger(__name__)
+
+
+def create_app(app: App) -> FastAPI:
+    """The FastAPI application over `app`; /docs shows the OpenAPI page."""
+
+    @asynccontextmanager
+    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+        yield
+        # Shutting down: stop what the API started; the App itself belongs to server.py.
+        api.state.api.active.cancel_all()
+
+    api = FastAPI(title="LLM workbench API", version="1.0", lifespan=lifespan,
+                  description="OpenAI-compatible, ooba internal and KoboldAI routes over the workbench engine.")
+    api.state.api = ApiState(app)
+    install_error_handlers(api)
+    auth = [Depends(require_key)]
+    for router in (openai_routes.router, internal_routes.router, kobold_routes.router):
+        api.include_router(router, dependencies=auth)
+    origins = [o.strip() for o in (app.settings.api_cors_origins or "").split(",") if o.strip()]
+    if origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        # Preflight (OPTIONS) is answered by the middleware before auth runs, as browsers need.
+        api.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+                           allow_credentials=origins != ["*"])
+    return api
+
+
+def serve_in_thread(app: App, host: str, port: int, timeout: float = 30.0) -> uvicorn.Server:
+    """Start uvicorn serving `create_app(app)` on host:port in a daemon thread.
+
+    Returns once it accepts connections; set `.should_exit = True` on the result to stop it.
+    Raises OSError when it could not start (the port is taken, say).
+    """
+    import uvicorn
+
+    config = uvicorn.Config(create_app(app), host=host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise OSError(f"the API could not start on {host}:{port} (is the port in use?)")
+        time.sleep(0.05)
+    log.info("API serving on http://%s:%d (OpenAI base_url http://%s:%d/v1, docs at /docs)",
+             host, port, host, port)
+    return server

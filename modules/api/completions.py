@@ -1,0 +1,199 @@
+"""OpenAI completions and chat completions: request -> engine -> response or SSE payloads.
+
+A job is built (and validated) before any byte is sent, so a bad request is a clean 4xx,
+never a broken stream. `response()` drains the generations for a JSON answer; `events()`
+yields the stream chunks; both run in the threadpool (see streaming.py).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from modules.api.schemas import ChatCompletionRequest, CompletionRequest
+from modules.api.state import ApiState, usage
+from modules.chat.prompt import CONTINUE, DEFAULT_CHAT_INSTRUCT_COMMAND, INSTRUCT, REPLY
+from modules.chat.service import ChatSetup
+from modules.chat.types import ASSISTANT, USER, Message, Persona
+from modules.errors import InvalidRequestError
+from modules.generation import GenerationChunk, TokenLogprob
+from modules.sampling import SamplingParams
+
+# "cancelled" is ours; OpenAI clients know only these.
+FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+_SYSTEM_ROLES = ("system", "developer")
+
+
+def _check_n(n: int) -> None:
+    if n != 1:
+        raise InvalidRequestError(f"n must be 1 (one choice per prompt), got {n}", "n")
+
+
+class _Job:
+    object_name = ""
+
+    def __init__(self, state: ApiState, id_prefix: str) -> None:
+        self.state = state
+        self.id = f"{id_prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model = state.app.models.name or "None"
+
+    def _envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+
+class CompletionJob(_Job):
+    """POST /v1/completions: one choice per prompt (a string, a list of strings, or token ids)."""
+
+    object_name = "text_completion"
+
+    def __init__(self, state: ApiState, req: CompletionRequest) -> None:
+        super().__init__(state, "cmpl")
+        _check_n(req.n)
+        self.req = req
+        self.prompts = req.prompts()
+        self.run = state.run(req.to_sampling_params(state.default_params(req.max_tokens_given())))
+        self.cancel = self.run.cancel
+
+    def _echo(self, prompt: str | list[int]) -> str:
+        if not self.req.echo:
+            return ""
+        return prompt if isinstance(prompt, str) else self.state.app.models.require().decode(prompt)
+
+    def response(self) -> dict[str, Any]:
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for index, prompt in enumerate(self.prompts):
+            chunks = list(self.run.chunks(prompt))
+            last = chunks[-1]
+            prompt_tokens += last.prompt_tokens
+            completion_tokens += last.completion_tokens
+            echo = self._echo(prompt)
+            steps = [step for chunk in chunks for step in chunk.logprobs]
+            choices.append({"index": index, "text": echo + last.text,
+                            "logprobs": completion_logprobs(steps, len(echo)) if self.req.logprobs else None,
+                            "finish_reason": FINISH[last.finish_reason or "stop"]})
+        totals = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens}
+        return self._envelope(choices, usage=totals)
+
+    def _chunk(self, index: int, text: str, finish: str | None, last: GenerationChunk | None = None,
+               offset: int = 0) -> dict[str, Any]:
+        logprobs = completion_logprobs(last.logprobs, offset) if self.req.logprobs and last else None
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        # SillyTavern reads token usage from the chunk that carries finish_reason.
+        return self._envelope([choice], usage=usage(last) if finish else None)
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        totals: GenerationChunk | None = None
+        for index, prompt in enumerate(self.prompts):
+            echo = self._echo(prompt)
+            if echo:
+                yield self._chunk(index, echo, None)
+            offset = len(echo)
+            for chunk in self.run.chunks(prompt):
+                if chunk.finish_reason:
+                    totals = chunk
+                    yield self._chunk(index, chunk.delta, FINISH[chunk.finish_reason], chunk, offset)
+                elif chunk.delta:
+                    yield self._chunk(index, chunk.delta, None, chunk, offset)
+                offset += len(chunk.delta)
+        if self.req.stream_options and self.req.stream_options.include_usage:
+            yield self._envelope([], usage=usage(totals))
+
+
+def completion_logprobs(steps: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
+    """OpenAI's legacy completions logprobs object (what SillyTavern reads as top_logprobs[0])."""
+    offsets = []
+    for step in steps:
+        offsets.append(offset)
+        offset += len(step.text)
+    return {"tokens": [s.text for s in steps], "token_logprobs": [s.logprob for s in steps],
+            "top_logprobs": [dict(s.top) for s in steps], "text_offset": offsets}
+
+
+def chat_logprobs(steps: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's chat logprobs object: one entry per token with its top alternatives."""
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(s.text, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]}
+                        for s in steps]}
+
+
+def chat_prompt(state: ApiState, req: ChatCompletionRequest, params: SamplingParams) -> tuple[str, SamplingParams]:
+    """The prompt text for `req` built by the chat engine, and `params` with its stop strings."""
+    if not req.messages:
+        raise InvalidRequestError("messages must hold at least one message", "messages")
+    app = state.app
+    system = "\n\n".join(m.text() for m in req.messages if m.role in _SYSTEM_ROLES)
+    turns = [Message(ASSISTANT if m.role == ASSISTANT else USER, m.text())
+             for m in req.messages if m.role not in _SYSTEM_ROLES]
+    character = app.characters.load(req.character or "Assistant")
+    user_name = req.user_name or req.name1
+    persona = Persona(name=user_name) if user_name else app.personas.load("You")
+    template = app.chat.choose_template(req.instruction_template).source if req.mode != "chat" else ""
+    # OpenAI clients send their own system message; it replaces the character's context
+    # in instruct mode (as in ooba). Without one, the character's context is the system.
+    setup = ChatSetup(character=character, persona=persona, mode=req.mode, template=template,
+                      chat_instruct_command=req.chat_instruct_command or DEFAULT_CHAT_INSTRUCT_COMMAND,
+                      system_message=req.system_message or (system if req.mode == INSTRUCT else ""))
+    messages = list(turns)
+    if system and not (req.mode == INSTRUCT and not req.system_message):
+        messages.insert(0, Message("system", system))
+    built = app.chat.build(messages, setup, params, CONTINUE if req.continue_ else REPLY)
+    return built.text, params.replace(stop=list(dict.fromkeys([*params.stop, *built.stop])))
+
+
+class ChatCompletionJob(_Job):
+    """POST /v1/chat/completions through the chat engine (mode, character, template)."""
+
+    object_name = "chat.completion"
+
+    def __init__(self, state: ApiState, req: ChatCompletionRequest) -> None:
+        super().__init__(state, "chatcmpl")
+        _check_n(req.n)
+        if req.response_format is not None and req.response_format.type != "text":
+            raise InvalidRequestError(
+                f"response_format {req.response_format.type!r} is not supported; use \"text\" "
+                "(or a GBNF grammar in grammar_string)", "response_format")
+        self.req = req
+        params = req.to_sampling_params(state.default_params(req.max_tokens_given()))
+        self.prompt, params = chat_prompt(state, req, params)
+        self.run = state.run(params)
+        self.cancel = self.run.cancel
+        self.strip = not req.continue_  # a fresh reply starts at its first visible character
+
+    def response(self) -> dict[str, Any]:
+        chunks = list(self.run.chunks(self.prompt))
+        last = chunks[-1]
+        text = last.text.lstrip() if self.strip else last.text
+        steps = [step for chunk in chunks for step in chunk.logprobs]
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": chat_logprobs(steps) if self.req.logprobs else None,
+                  "finish_reason": FINISH[last.finish_reason or "stop"]}
+        return self._envelope([choice], usage=usage(last))
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None, chunk: GenerationChunk | None = None) -> dict[str, Any]:
+        with_usage = self.req.stream_options is not None and self.req.stream_options.include_usage
+        extra = {"usage": None} if with_usage else {}
+        logprobs = chat_logprobs(chunk.logprobs) if self.req.logprobs and chunk is not None else None
+        return self._envelope([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **extra)
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        self.object_name = "chat.completion.chunk"
+        yield self._chunk({"role": "assistant", "content": ""}, None)
+        last: GenerationChunk | None = None
+        started = not self.strip
+        for chunk in self.run.chunks(self.prompt):
+            last = chunk
+            delta = chunk.delta if started else chunk.delta.lstrip()
+            started = started or bool(delta)
+            if delta:
+                yield self._chunk({"content": delta}, None, chunk)
+            if chunk.finish_reason:
+                yield self._chunk({}, FINISH[chunk.finish_reason], None if delta else chunk)
+        if self.req.stream_options and self.req.stream_options.include_usage:
+            yield self._envelope([], usage=usage(last))

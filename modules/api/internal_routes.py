@@ -1,0 +1,91 @@
+"""ooba's internal routes: model info/list/load/unload, tokens, logits, chat prompt, stop.
+
+Token and model-info calls read the loaded model directly, never through the generation
+queue: SillyTavern sends about a dozen encode calls before each generation, and they must
+answer while a long generation runs. They are plain `def` routes, so FastAPI runs them in
+its threadpool and a slow tokenizer never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from modules.api.completions import chat_prompt
+from modules.api.logits import top_logprobs
+from modules.api.schemas import ChatCompletionRequest, DecodeRequest, EncodeRequest, LoadModelRequest, LogitsRequest
+from modules.api.state import get_state
+from modules.errors import InvalidRequestError
+
+router = APIRouter(prefix="/v1/internal", tags=["Internal (ooba)"])
+
+
+@router.get("/model/info")
+def model_info(request: Request) -> dict[str, Any]:
+    models = get_state(request).app.models
+    report = models.report
+    return {"model_name": models.name or "None", "lora_names": [], "loader": report.loader if report else None}
+
+
+@router.get("/model/list")
+def model_list(request: Request) -> dict[str, Any]:
+    return {"model_names": get_state(request).app.models.list_models()}
+
+
+@router.post("/model/load")
+async def model_load(body: LoadModelRequest, request: Request) -> dict[str, Any]:
+    """Load a model from models/ (waits for a running generation); `args` are loader options."""
+    options = dict(body.args)
+    loader = options.pop("loader", None)
+    if loader is not None and not isinstance(loader, str):
+        raise InvalidRequestError("args.loader must be a loader name", "args.loader")
+    models = get_state(request).app.models
+    report = await run_in_threadpool(models.load, body.model_name, loader, options)
+    return {"status": "OK", "model_name": report.name, "loader": report.loader, "message": report.summary()}
+
+
+@router.post("/model/unload")
+async def model_unload(request: Request) -> dict[str, Any]:
+    state = get_state(request)
+    state.active.cancel_all()
+    await run_in_threadpool(state.app.models.unload)
+    return {"status": "OK"}
+
+
+@router.post("/encode")
+def encode(body: EncodeRequest, request: Request) -> dict[str, Any]:
+    ids = get_state(request).app.models.require().encode(body.text, add_bos=body.add_bos_token)
+    return {"tokens": ids, "length": len(ids)}
+
+
+@router.post("/decode")
+def decode(body: DecodeRequest, request: Request) -> dict[str, Any]:
+    model = get_state(request).app.models.require()
+    return {"text": model.decode(body.tokens, skip_special=body.skip_special_tokens)}
+
+
+@router.post("/token-count")
+def token_count(body: EncodeRequest, request: Request) -> dict[str, Any]:
+    return {"length": len(get_state(request).app.models.require().encode(body.text, add_bos=body.add_bos_token))}
+
+
+@router.post("/logits")
+def logits(body: LogitsRequest, request: Request) -> dict[str, float]:
+    """Top-N next-token probabilities after `prompt` ({token text: probability})."""
+    return top_logprobs(get_state(request), body)
+
+
+@router.post("/chat-prompt")
+def chat_prompt_route(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+    """The prompt /v1/chat/completions would send to the model for this request."""
+    state = get_state(request)
+    params = body.to_sampling_params(state.default_params(body.max_tokens_given()))
+    text, _ = chat_prompt(state, body, params)
+    return {"prompt": text}
+
+
+@router.post("/stop-generation")
+def stop_generation(request: Request) -> dict[str, Any]:
+    return {"status": "OK", "stopped": get_state(request).app.generator.cancel_all()}

@@ -1,0 +1,169 @@
+"""What the API keeps beside the App: live generations, KoboldCpp's perf numbers, and a
+`Run` per request that puts its generations through the engine's one queue.
+
+Everything generates through `app.generator` (and chat prompts through `app.chat`), the
+same path the UI takes, so a later hook registry in the engine applies to both faces.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+
+from modules.api.embeddings import Embedder
+from modules.generation import GenerationChunk, Stream
+from modules.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from modules.app import App
+
+DEFAULT_MAX_TOKENS = 512
+"""max_new_tokens when a request names none (ooba's default), capped to half the context."""
+
+
+class ActiveStreams:
+    """The generations the API started and that are still running; stop-generation cancels them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._streams: set[Stream] = set()
+
+    def add(self, stream: Stream) -> None:
+        with self._lock:
+            self._streams.add(stream)
+
+    def discard(self, stream: Stream) -> None:
+        with self._lock:
+            self._streams.discard(stream)
+
+    def cancel_all(self) -> int:
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream.cancel()
+        return len(streams)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+
+@dataclass
+class Perf:
+    """KoboldCpp's /api/extra/perf numbers for the last generation."""
+
+    last_process: float = 0.0
+    last_eval: float = 0.0
+    last_token_count: int = 0
+    last_input_count: int = 0
+    total_gens: int = 0
+    stop_reason: int = -1
+
+    def record(self, started: float, first_token_at: float | None, chunk: GenerationChunk) -> None:
+        end = time.perf_counter()
+        first = first_token_at or end
+        self.last_process, self.last_eval = first - started, end - first
+        self.last_token_count, self.last_input_count = chunk.completion_tokens, chunk.prompt_tokens
+        self.total_gens += 1
+        # KoboldCpp's codes: 0 out of tokens (length), 1 EOS or stop string, 2 aborted.
+        self.stop_reason = {"length": 0, "stop": 1}.get(chunk.finish_reason or "", 2)
+
+
+@dataclass
+class ApiState:
+    """The App and the API's own bookkeeping; one per FastAPI app, in `app.state.api`."""
+
+    app: App
+    active: ActiveStreams = field(default_factory=ActiveStreams)
+    perf: Perf = field(default_factory=Perf)
+    embedder: Embedder = field(default_factory=Embedder)
+
+    def default_params(self, explicit_max_tokens: bool) -> SamplingParams:
+        """The neutral sampler defaults; without a max_tokens, ooba's 512 capped to half the context."""
+        if explicit_max_tokens:
+            return SamplingParams()
+        window = self.app.models.require().info.context_length
+        return SamplingParams(max_new_tokens=max(1, min(DEFAULT_MAX_TOKENS, window // 2)))
+
+    def run(self, params: SamplingParams) -> Run:
+        return Run(self, params)
+
+
+def get_state(request: Request) -> ApiState:
+    """The ApiState of the FastAPI app serving `request`."""
+    return request.app.state.api
+
+
+class Run:
+    """One request's generations, one after another through the engine queue; `cancel()` stops them.
+
+    `cancel()` may come from the event loop while `chunks()` runs in a threadpool thread:
+    the flag covers a cancel that lands before the stream exists.
+    """
+
+    def __init__(self, state: ApiState, params: SamplingParams) -> None:
+        self.state = state
+        self.params = params
+        self._current: Stream | None = None
+        self._live: Iterator[GenerationChunk] | None = None
+        self._cancelled = threading.Event()
+
+    def chunks(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[GenerationChunk]:
+        """Chunks of one generation of `prompt`; the last carries finish_reason."""
+        self._live = self._chunks(prompt, params)
+        return self._live
+
+    def _chunks(self, prompt: str | list[int], params: SamplingParams | None) -> Iterator[GenerationChunk]:
+        started, first = time.perf_counter(), None
+        stream = self.state.app.generator.submit(prompt, params or self.params)
+        self._current = stream
+        self.state.active.add(stream)
+        if self._cancelled.is_set():
+            stream.cancel()
+        try:
+            for chunk in stream:
+                first = first or time.perf_counter()
+                if chunk.finish_reason:
+                    self.state.perf.record(started, first, chunk)
+                yield chunk
+        finally:
+            self.state.active.discard(stream)
+            stream.cancel()
+
+    def result(self, prompt: str | list[int], params: SamplingParams | None = None) -> GenerationChunk:
+        """The final chunk of one whole generation (`.text` holds all of it)."""
+        last: GenerationChunk | None = None
+        for last in self.chunks(prompt, params):  # noqa: B007 - only the last one matters
+            pass
+        assert last is not None
+        return last
+
+    def cancel(self) -> None:
+        """Stop the generation (within one token) and let its last chunk be read and recorded."""
+        self._cancelled.set()
+        if self._current is not None:
+            self._current.cancel()
+        if self._live is not None:
+            # A client that went away reads no more: someone must take the final chunk off
+            # the stream so its numbers are recorded (and the stream ends) right now.
+            threading.Thread(target=_finish, args=(self._live,), name="api-finish", daemon=True).start()
+
+
+def _finish(chunks: Iterator[GenerationChunk]) -> None:
+    try:
+        for _ in chunks:
+            pass
+    except ValueError:  # "generator already executing": its reader gets the final chunk itself
+        pass
+    except Exception:  # noqa: BLE001 - the request is gone; the engine logged the failure
+        pass
+
+
+def usage(chunk: GenerationChunk | None) -> dict[str, Any]:
+    prompt = chunk.prompt_tokens if chunk else 0
+    completion = chunk.completion_tokens if chunk else 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
