@@ -61,7 +61,7 @@ def test_starts_with_no_model_and_says_how_to_get_one(tmp_path):
 
         client = Client(url, verbose=False)
         with pytest.raises(Exception, match="no model is loaded"):
-            client.predict("Hello", 8, 0, 1, 0, 0, 1, -1, "", api_name="/generate")
+            client.predict("Hello", api_name="/generate")
         log = (tmp_path / "server.log").read_text()
         assert "No models in" in log
     finally:
@@ -76,8 +76,10 @@ def test_generates_with_the_kit_gguf(tmp_path, tiny_kit):
         from gradio_client import Client
 
         client = Client(url, verbose=False)
-        text, info = client.predict("Hello", 16, 0, 1, 0, 0, 1, 1234, "", api_name="/generate")
-        again, _ = client.predict("Hello", 16, 0, 1, 0, 0, 1, 1234, "", api_name="/generate")
+        # sampler settings live in the session's state, set through the Parameters tab's API
+        client.predict('{"max_new_tokens": 16, "temperature": 0, "seed": 1234}', api_name="/set_params")
+        text, info = client.predict("Hello", api_name="/generate")
+        again, _ = client.predict("Hello", api_name="/generate")
         assert text and text == again  # greedy: same prompt, same reply
         assert "tokens/s" in info
     finally:
@@ -99,7 +101,8 @@ def test_model_tab_loads_refuses_a_corrupt_file_and_keeps_serving(tmp_path, tiny
         assert "Could not load broken.gguf" in status
         status = client.predict("tiny.gguf", "auto", api_name="/load_model")
         assert status.startswith("Loaded tiny.gguf with llama.cpp")
-        text, _ = client.predict("Hello", 8, 0, 1, 0, 0, 1, 1, "", api_name="/generate")
+        client.predict('{"max_new_tokens": 8, "temperature": 0, "seed": 1}', api_name="/set_params")
+        text, _ = client.predict("Hello", api_name="/generate")
         assert text
         assert client.predict(api_name="/unload_model") == "No model loaded."
         assert "Saved" in client.predict(api_name="/save_settings")

@@ -12,7 +12,7 @@ from typing import Any
 import gradio as gr
 
 from modules.app import App
-from modules.ui import default_tab, model_tab
+from modules.ui import chat_tab, default_tab, model_tab, notebook_tab, parameters_tab, session_tab
 from modules.ui.common import default_params
 
 TITLE = "LLM Workbench"
@@ -22,10 +22,19 @@ def create_ui(app: App) -> gr.Blocks:
     """Build the Blocks app over `app`; the caller launches it."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         params = gr.State(default_params())
+        with gr.Tab("Chat") as chat_page:
+            chat = chat_tab.create_ui(app, params, demo)
+        chat_tab.refresh_on_show(app, chat, chat_page)
         with gr.Tab("Default"):
             default_tab.create_ui(app, params)
+        with gr.Tab("Notebook"):
+            notebook_tab.create_ui(app, params)
+        with gr.Tab("Parameters"):
+            parameters_tab.create_ui(app, params)
         with gr.Tab("Model"):
             model_tab.create_ui(app)
+        with gr.Tab("Session"):
+            session_tab.create_ui(app, demo)
     return demo
 
 

@@ -1,0 +1,94 @@
+"""How a Chat looks in the Chat tab: gr.Chatbot messages, the swipe counter, the chat list.
+
+Pure functions over the engine's types (no gradio import), so they are tested without a
+browser. The Chatbot shows only user and assistant turns; `chat_index` maps a shown
+position back to the chat's own list for the edit event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from modules.chat.history import ChatSummary
+from modules.chat.types import ASSISTANT, USER, Chat, Message
+from modules.generation import GenerationChunk
+
+SHOWN_ROLES = (USER, ASSISTANT)
+
+
+def _shown(chat: Chat | None) -> list[tuple[int, Message]]:
+    if chat is None:
+        return []
+    return [(i, m) for i, m in enumerate(chat.messages) if m.role in SHOWN_ROLES]
+
+
+def to_messages(chat: Chat | None) -> list[dict[str, str]]:
+    """The chat as gr.Chatbot messages ({"role", "content"}), showing each turn's `shown` text."""
+    return [{"role": m.role, "content": m.shown} for _, m in _shown(chat)]
+
+
+def chat_index(chat: Chat, shown_index: int) -> int:
+    """The index in `chat.messages` of the message shown at `shown_index`.
+
+    Raises IndexError when the Chatbot's position is not one of the shown messages.
+    """
+    shown = _shown(chat)
+    if not 0 <= shown_index < len(shown):
+        raise IndexError(shown_index)
+    return shown[shown_index][0]
+
+
+def message_text(value: Any) -> str:
+    """Plain text of a Chatbot message value: a string, or Gradio 6's list of parts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return message_text(value.get("content", value.get("text", "")))
+    if isinstance(value, Sequence):
+        return "".join(str(part.get("text", "")) if isinstance(part, dict) else str(part) for part in value)
+    return "" if value is None else str(value)
+
+
+def swipe_label(chat: Chat | None) -> str:
+    """ "2/3" when the last reply has alternatives, else "" (nothing to switch between)."""
+    if chat is None or not chat.messages:
+        return ""
+    last = chat.messages[-1]
+    if last.role != ASSISTANT or len(last.swipes) < 2:
+        return ""
+    return f"{last.swipe_index + 1}/{len(last.swipes)}"
+
+
+def swipe_target(chat: Chat | None, step: int) -> int | None:
+    """The alternative one `step` away from the shown one, or None at either end."""
+    if chat is None or not chat.messages or not chat.messages[-1].swipes:
+        return None
+    last = chat.messages[-1]
+    target = last.swipe_index + step
+    return target if 0 <= target < len(last.swipes) else None
+
+
+def chat_choices(summaries: Sequence[ChatSummary]) -> list[tuple[str, str]]:
+    """(label, id) pairs for the past-chats dropdown, newest first as the store lists them."""
+    choices = []
+    for summary in summaries:
+        name = summary.title or summary.preview or "(empty chat)"
+        if summary.error:
+            name = f"unreadable: {summary.error[:60]}"
+        when = summary.updated[:16].replace("T", " ")
+        choices.append((f"{name} · {when} · {summary.id}", summary.id))
+    return choices
+
+
+def stats_text(chunk: GenerationChunk | None, seconds: float) -> str:
+    """ "N tokens, R tokens/s" for the last reply, with why it ended once it has."""
+    if chunk is None:
+        return ""
+    rate = chunk.completion_tokens / seconds if seconds > 0 else 0.0
+    text = f"{chunk.completion_tokens} tokens, {rate:.1f} tokens/s"
+    if chunk.finish_reason:
+        text += f" · {chunk.finish_reason}"
+    if chunk.truncated_tokens:
+        text += f" · {chunk.truncated_tokens} old prompt tokens left out to fit"
+    return text
