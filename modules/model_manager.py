@@ -27,12 +27,14 @@ from modules.errors import (
     ModelNotFoundError,
     ModelNotLoadedError,
 )
-from modules.paths import safe_join
+from modules.paths import atomic_write_text, safe_join
 from modules.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _SPLIT_SHARD = "-of-0"  # "model-00002-of-00003.gguf": only the first shard is listed
+PER_MODEL_FILE = "config-user.yaml"
+"""Loader and options saved per model (the Model tab's Save settings), beside the models."""
 
 
 @dataclass(frozen=True)
@@ -125,18 +127,60 @@ class ModelManager:
         except ModelLoadError:
             return False
 
+    # --- per-model settings -------------------------------------------------------------
+    def saved_settings(self, name: str) -> dict[str, Any]:
+        """What Save settings stored for `name`: {"loader": ..., option: value, ...}, or {}."""
+        self.path_of(name)
+        return dict(self._read_per_model().get(name) or {})
+
+    def save_settings(self, name: str, loader: str | None, options: dict[str, Any]) -> Path:
+        """Remember `loader` (None = automatic) and `options` for `name`, atomically."""
+        import yaml
+
+        self.path_of(name)
+        if loader is not None:
+            loaders.get_loader(loader)
+        data = self._read_per_model()
+        data[name] = {**({"loader": loader} if loader else {}), **options}
+        path = self.models_dir / PER_MODEL_FILE
+        atomic_write_text(path, yaml.safe_dump(data, sort_keys=True, allow_unicode=True))
+        return path
+
+    def _read_per_model(self) -> dict[str, Any]:
+        import yaml
+
+        path = self.models_dir / PER_MODEL_FILE
+        if not path.is_file():
+            return {}
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InvalidRequestError(f"{PER_MODEL_FILE} cannot be read: {exc}", "model") from None
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise InvalidRequestError(f"{PER_MODEL_FILE} must map model names to their settings", "model")
+        return data
+
     # --- load / unload ---------------------------------------------------------------
     def load(self, name: str, loader: str | None = None, overrides: dict[str, Any] | None = None) -> LoadReport:
-        """Unload the current model, then load `name` (with `loader`, or the inferred one)."""
+        """Unload the current model, then load `name`.
+
+        The loader is `loader`, else the one saved for this model, else the inferred one.
+        Options are the settings, then what was saved for this model, then `overrides`.
+        """
         path = self.path_of(name)
+        saved = self.saved_settings(name)
+        explicit = loader is not None
+        loader = loader or saved.pop("loader", None)
+        saved.pop("loader", None)
         choice = loaders.infer_loader(path, installed=self._installed) if loader is None else None
         lname = loader or choice.loader  # type: ignore[union-attr]
-        reason = choice.reason if choice else "chosen by the user"
+        reason = choice.reason if choice else ("chosen by the user" if explicit else "saved for this model")
         cls = loaders.get_loader(lname)
         missing = cls.unavailable_reason()
         if missing:
             raise BackendMissingError(missing)
-        options = self._options_for(cls, overrides or {})
+        known = {f.name for f in dataclasses.fields(cls.options_class)}
+        options = self._options_for(cls, {**{k: v for k, v in saved.items() if k in known}, **(overrides or {})})
         with self._lock:
             self.unload()
             ram0, gpu0 = _ram_bytes(), _gpu_bytes()

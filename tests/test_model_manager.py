@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modules.errors import ModelNotFoundError, UnsafePathError
+from modules.errors import InvalidRequestError, ModelNotFoundError, UnsafePathError
 from tests.traversal_payloads import TRAVERSAL_PAYLOADS
 
 
@@ -61,3 +61,21 @@ def test_every_traversal_payload_is_refused_as_a_model_name(app, name):
     with pytest.raises((UnsafePathError, ModelNotFoundError)):
         app.models.load(name)
     assert app.models.current is None
+
+
+def test_settings_saved_per_model_apply_to_its_next_load(app):
+    (app.models.models_dir / "other.gguf").write_bytes(b"GGUF")
+    path = app.models.save_settings("fake.gguf", "fake", {"ctx_size": 96})
+    assert path.name == "config-user.yaml"
+    assert app.models.saved_settings("fake.gguf") == {"loader": "fake", "ctx_size": 96}
+    report = app.models.load("fake.gguf")  # no loader named: the saved one is used
+    assert report.loader == "fake" and report.reason == "saved for this model"
+    assert app.models.current.info.context_length == 96
+    assert app.models.load("fake.gguf", overrides={"ctx_size": 80}).context_length == 80  # explicit wins
+    assert app.models.saved_settings("other.gguf") == {}
+
+
+def test_a_broken_per_model_file_is_a_clear_error(app):
+    (app.models.models_dir / "config-user.yaml").write_text("- not a mapping\n")
+    with pytest.raises(InvalidRequestError, match="config-user.yaml"):
+        app.models.saved_settings("fake.gguf")

@@ -105,8 +105,8 @@ def test_model_tab_loads_refuses_a_corrupt_file_and_keeps_serving(tmp_path, tiny
         text, _ = client.predict("Hello", api_name="/generate")
         assert text
         assert client.predict(api_name="/unload_model") == "No model loaded."
-        assert "Saved" in client.predict(api_name="/save_settings")
-        saved = (tmp_path / "settings.yaml").read_text()
-        assert "ctx_size: 256" in saved and "threads: 1" in saved
+        assert "Saved the settings for tiny.gguf" in client.predict("tiny.gguf", "auto", api_name="/save_settings")
+        saved = (models / "config-user.yaml").read_text()
+        assert "tiny.gguf:" in saved and "ctx_size: 256" in saved and "threads: 1" in saved
     finally:
         stop(proc)

@@ -36,7 +36,7 @@ def create_ui(app: App) -> None:
     with gr.Row():
         load = gr.Button("Load", variant="primary")
         unload = gr.Button("Unload")
-        save = gr.Button("Save settings")
+        save = gr.Button("Save settings for this model")
     status_line = gr.Markdown(_status(app))
 
     option_names = [n for s in statuses for n in s.option_names]
@@ -44,7 +44,9 @@ def create_ui(app: App) -> None:
 
     def on_pick(name: str | None, loader_name: str) -> list[Any]:
         chosen = _chosen_loader(app, name, loader_name)
-        return [_describe(app, name, loader_name)] + [gr.update(visible=k == chosen) for k in groups]
+        saved = _saved(app, name)
+        values = [gr.update(value=saved.get(n, getattr(app.settings, n))) for n in option_names]
+        return [_describe(app, name, loader_name)] + [gr.update(visible=k == chosen) for k in groups] + values
 
     def on_refresh() -> Any:
         names = app.models.list_models()
@@ -65,24 +67,28 @@ def create_ui(app: App) -> None:
             return f"**Could not load {name}:** {type(exc).__name__}: {exc}"
         return _status(app)
 
-    def on_save(*values: Any) -> str:
+    def on_save(name: str | None, loader_name: str, *values: Any) -> str:
+        if not name:
+            return "Pick a model first."
+        chosen = _chosen_loader(app, name, loader_name)
+        wanted = set(names_by_loader.get(chosen or "", ()))
+        options = {n: _clean(v) for n, v in zip(option_names, values, strict=True) if n in wanted}
         try:
-            app.update_settings(**{n: _clean(v) for n, v in zip(option_names, values, strict=True)})
-            path = app.save_settings()
+            path = app.models.save_settings(name, None if loader_name == AUTO else loader_name, options)
         except (WorkbenchError, OSError) as exc:
             return f"**Could not save the settings:** {exc}"
-        return f"Saved the loader options to {path.name}; they apply to the next load and the next start."
+        return f"Saved the settings for {name} in {path.parent.name}/{path.name}; its next load uses them."
 
     def on_unload() -> str:
         app.models.unload()
         return _status(app)
 
     for trigger in (model.change, loader.change):
-        trigger(on_pick, [model, loader], [choice] + group_list)
+        trigger(on_pick, [model, loader], [choice] + group_list + inputs)
     refresh.click(on_refresh, None, model)
     load.click(on_load, [model, loader] + inputs, status_line, api_name="load_model")
     unload.click(on_unload, None, status_line, api_name="unload_model")
-    save.click(on_save, inputs, status_line, api_name="save_settings")
+    save.click(on_save, [model, loader] + inputs, status_line, api_name="save_settings")
 
 
 def _option_grid(app: App, names: tuple[str, ...], per_row: int = 4) -> list[Any]:
@@ -101,11 +107,24 @@ def _option_grid(app: App, names: tuple[str, ...], per_row: int = 4) -> list[Any
     return [built[n] for n in names]
 
 
+def _saved(app: App, name: str | None) -> dict[str, Any]:
+    """The options saved for `name`; {} when none (or the file cannot be read)."""
+    if not name:
+        return {}
+    try:
+        return app.models.saved_settings(name)
+    except WorkbenchError:
+        return {}
+
+
 def _chosen_loader(app: App, name: str | None, loader_name: str) -> str | None:
     if loader_name != AUTO:
         return loader_name
     if not name:
         return None
+    saved = _saved(app, name).get("loader")
+    if saved:
+        return str(saved)
     try:
         return app.models.infer(name).loader
     except WorkbenchError:
@@ -119,6 +138,9 @@ def _describe(app: App, name: str | None, loader_name: str) -> str:
         return "Pick a model."
     if loader_name != AUTO:
         return f"Loader **{loader_name}**, chosen by you."
+    saved = _saved(app, name).get("loader")
+    if saved:
+        return f"Loader **{saved}**, saved for this model (pick another to override)."
     try:
         choice = app.models.infer(name)
     except WorkbenchError as exc:
