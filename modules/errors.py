@@ -65,3 +65,15 @@ class UnsupportedOptionError(ModelLoadError):
 
 class GenerationError(WorkbenchError):
     """The backend failed in the middle of a generation."""
+
+
+class DownloadError(WorkbenchError):
+    """The hub could not be reached, or a file could not be fetched."""
+
+
+class ChecksumError(DownloadError):
+    """A downloaded file does not match the size or hash the hub lists for it."""
+
+
+class DownloadCancelled(DownloadError):
+    """The user stopped the download; partial files are kept for a resume."""

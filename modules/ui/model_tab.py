@@ -9,6 +9,7 @@ import gradio as gr
 
 from modules.app import App
 from modules.errors import WorkbenchError
+from modules.ui import download_panel
 from modules.ui.components import setting_component
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,10 @@ def create_ui(app: App) -> None:
         load = gr.Button("Load", variant="primary")
         unload = gr.Button("Unload")
         save = gr.Button("Save settings for this model")
+    memory_line = gr.Markdown(download_panel.memory_note(app, app.models.name))
     status_line = gr.Markdown(_status(app))
+    with gr.Accordion("Download a model", open=False):
+        downloaded = download_panel.create_ui(app)
 
     option_names = [n for s in statuses for n in s.option_names]
     group_list = list(groups.values())
@@ -86,6 +90,8 @@ def create_ui(app: App) -> None:
     for trigger in (model.change, loader.change):
         trigger(on_pick, [model, loader], [choice] + group_list + inputs)
     refresh.click(on_refresh, None, model)
+    model.change(lambda name: download_panel.memory_note(app, name), model, memory_line)
+    downloaded.then(on_refresh, None, model)
     load.click(on_load, [model, loader] + inputs, status_line, api_name="load_model")
     unload.click(on_unload, None, status_line, api_name="unload_model")
     save.click(on_save, [model, loader] + inputs, status_line, api_name="save_settings")
