@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         from modules.api import serve_in_thread
 
         api_server = serve_in_thread(app, settings.host, settings.api_port)
-    if settings.extensions:
-        log.warning("--extensions %s: extensions are not part of this version yet", " ".join(settings.extensions))
+    missing = [name for name in settings.extensions if name not in app.extensions.names()]
+    if missing:
+        log.warning("extensions not loaded (see the errors above): %s", ", ".join(missing))
     if settings.listen and not settings.gradio_auth:
         log.warning("--listen without --gradio-auth: anyone on your network can use this UI")
     app.load_startup_model()
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             demo = create_ui(app)
             demo.queue(default_concurrency_limit=8).launch(
                 server_name=settings.host, server_port=settings.listen_port,
-                auth=parse_auth(settings.gradio_auth), prevent_thread_lock=True, **launch_options(),
+                auth=parse_auth(settings.gradio_auth), prevent_thread_lock=True, **launch_options(app),
             )
             app.restart_requested.wait()  # until the Session tab asks for a fresh UI
             app.restart_requested.clear()

@@ -12,6 +12,7 @@ from modules.chat.characters import CharacterStore, PersonaStore
 from modules.chat.history import HistoryStore
 from modules.chat.service import ChatService
 from modules.chat.templates import TemplateRenderer, TemplateStore
+from modules.extensions import ExtensionRegistry
 from modules.generation import Generator
 from modules.model_manager import ModelManager
 from modules.paths import atomic_write_text
@@ -37,21 +38,26 @@ class App:
     templates: TemplateStore
     history: HistoryStore
     chat: ChatService
+    extensions: ExtensionRegistry
     restart_requested: threading.Event = dataclasses.field(default_factory=threading.Event)
     """Set by the Session tab's Restart button; server.py rebuilds the UI (the model stays loaded)."""
 
     @classmethod
     def create(cls, settings: Settings, root: Path) -> App:
         models = ModelManager(settings, resolve_path(root, settings.models_dir))
-        generator = Generator(models)
+        extensions = ExtensionRegistry(root / "extensions", settings.extension_params)
+        generator = Generator(models, extensions)
         renderer = TemplateRenderer()
         templates = TemplateStore(root / "instruction-templates", renderer)
         history = HistoryStore(root / "logs" / "chat")
         chat = ChatService(generator, models, renderer, save=history.save, templates=templates,
-                           patterns_file=root / "models" / "config.yaml")
-        return cls(root=root, settings=settings, models=models, generator=generator,
-                   characters=CharacterStore(root / "characters"), personas=PersonaStore(root / "personas"),
-                   templates=templates, history=history, chat=chat)
+                           patterns_file=root / "models" / "config.yaml", extensions=extensions)
+        app = cls(root=root, settings=settings, models=models, generator=generator,
+                  characters=CharacterStore(root / "characters"), personas=PersonaStore(root / "personas"),
+                  templates=templates, history=history, chat=chat, extensions=extensions)
+        extensions.context = app  # setup(app) may keep it, e.g. to generate through app.generator
+        extensions.enable(settings.extensions)  # a broken one is logged and skipped: the app always starts
+        return app
 
     @property
     def settings_path(self) -> Path:
@@ -63,10 +69,18 @@ class App:
         self.models.settings = self.settings
         return self.settings
 
+    def set_extensions(self, names: list[str]) -> list[str]:
+        """Enable `names` (in this order) from now on; returns those that loaded. Their ui() appears
+        after a Restart of the UI; their hooks apply to the next generation."""
+        loaded = self.extensions.enable(names)
+        self.update_settings(extensions=list(names))
+        return loaded
+
     def save_settings(self) -> Path:
-        """Write the persisted settings to the settings file, atomically."""
+        """Write the persisted settings (with the extensions' current params) to the settings file, atomically."""
         import yaml
 
+        self.update_settings(extension_params=self.extensions.params_snapshot())
         path = self.settings_path
         atomic_write_text(path, yaml.safe_dump(self.settings.persisted(), sort_keys=False, allow_unicode=True))
         return path

@@ -8,6 +8,13 @@ The token loop lives in `_run`: it truncates the prompt to fit, asks the loader 
 token ids, turns them into text with IncrementalDetokenizer (never half a character),
 cuts at stop strings with StopMatcher (never leaked), and honours cancel, EOS,
 max_new_tokens and the context window.
+
+Extension hooks (modules/extensions.py) wrap that loop, never enter it: with no extension
+enabled a job carries no hooks and runs exactly as before. With some, `submit` runs
+state_modifier and input_modifier (plain completions; chat ran them already), the
+worker runs custom_generate_reply and tokenizer_modifier, and the consumer's thread runs
+output_modifier on the final chunk, so a hook may itself call the generator (a
+translation through the model) from input_modifier or output_modifier without a deadlock.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import random
 import threading
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from loaders.base import LoadedModel
 from modules.errors import ContextLengthExceededError, InvalidRequestError
+from modules.extensions import ExtensionRegistry, make_state
 from modules.model_manager import ModelManager
 from modules.sampling import SamplingParams
 from modules.text_stream import IncrementalDetokenizer, StopMatcher
@@ -56,6 +65,18 @@ class GenerationChunk:
     """Prompt tokens dropped from the start to make room for the reply."""
     logprobs: tuple[TokenLogprob, ...] = ()
     """With `SamplingParams.logprobs`: the tokens generated since the previous chunk."""
+    original: str | None = None
+    """On the last chunk, when an output_modifier changed `text`: the text before it did."""
+
+
+@dataclass
+class _Hooks:
+    """What an extension-enabled job needs: the registry, the hooks' `state`, chat or not."""
+
+    registry: ExtensionRegistry
+    state: dict[str, Any]
+    is_chat: bool
+    original_prompt: str | list[int]
 
 
 @dataclass(eq=False)  # compared and hashed by identity: jobs live in a set
@@ -64,6 +85,7 @@ class _Job:
     params: SamplingParams
     cancel: threading.Event = field(default_factory=threading.Event)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    hooks: _Hooks | None = None
 
 
 _END = object()
@@ -87,6 +109,8 @@ class Stream:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if self._job.hooks is not None and item.finish_reason:
+                    item = _modify_output(self._job.hooks, item)
                 yield item
         finally:
             self._job.cancel.set()
@@ -112,21 +136,31 @@ class Stream:
 class Generator:
     """Owns the request queue and the worker that runs generations on the loaded model."""
 
-    def __init__(self, models: ModelManager) -> None:
+    def __init__(self, models: ModelManager, extensions: ExtensionRegistry | None = None) -> None:
         self.models = models
+        self.extensions = extensions
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._pending: set[_Job] = set()
         self._pending_lock = threading.Lock()
 
-    def submit(self, prompt: str | list[int], params: SamplingParams) -> Stream:
-        """Queue a generation; iterate the returned stream for its chunks."""
+    def submit(self, prompt: str | list[int], params: SamplingParams, *,
+               state: dict[str, Any] | None = None, is_chat: bool = False, raw: bool = False) -> Stream:
+        """Queue a generation; iterate the returned stream for its chunks.
+
+        `state` is the extensions' state dict: for chat, the one ChatService built and
+        modified (`is_chat=True`: state_modifier and input_modifier already ran); for
+        plain completions, extra keys such as `is_api` (the hooks run here). `raw` skips
+        every hook: an extension generating for itself (a translation) must not recurse.
+        """
         if not isinstance(prompt, str) and not (
             isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
         ):
             raise InvalidRequestError("prompt must be text or a list of token ids", "prompt")
         job = _Job(prompt, params)
+        if not raw and self.extensions is not None and self.extensions.active:
+            job.hooks = _input_hooks(self.extensions, job, state, is_chat)
         with self._pending_lock:
             self._pending.add(job)
         self._ensure_worker()
@@ -141,9 +175,9 @@ class Generator:
             job.cancel.set()
         return len(jobs)
 
-    def generate(self, prompt: str | list[int], params: SamplingParams) -> GenerationChunk:
+    def generate(self, prompt: str | list[int], params: SamplingParams, *, raw: bool = False) -> GenerationChunk:
         """Blocking form of submit(): the final chunk, whose `.text` is the whole reply."""
-        return self.submit(prompt, params).result()
+        return self.submit(prompt, params, raw=raw).result()
 
     def close(self) -> None:
         if self._worker is not None:
@@ -164,7 +198,8 @@ class Generator:
                     job.out.put(GenerationChunk("", "", 0, 0, FINISH_CANCELLED))
                     continue
                 with self.models.using() as model:
-                    for chunk in self._run(model, job):
+                    run = self._run if job.hooks is None else self._run_hooked
+                    for chunk in run(model, job):
                         job.out.put(chunk)
             except Exception as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
                 if not isinstance(exc, InvalidRequestError):
@@ -219,6 +254,100 @@ class Generator:
         tail = "" if stopper.matched else _release(detok, stopper)
         text += tail
         yield GenerationChunk(tail, text, len(ids), count, finish, params.seed, dropped, tuple(pending))
+
+
+    def _run_hooked(self, model: LoadedModel, job: _Job) -> Iterator[GenerationChunk]:
+        """custom_generate_reply (the first that answers replaces the model), else
+        tokenizer_modifier on the prompt ids and the ordinary token loop."""
+        hooks = job.hooks
+        assert hooks is not None
+        registry, prompt = hooks.registry, job.prompt
+        if registry.has("custom_generate_reply"):
+            ext, replies = registry.first("custom_generate_reply", prompt, hooks.original_prompt, hooks.state,
+                                          list(job.params.stop), hooks.is_chat)
+            if ext is not None:
+                yielded = False
+                for chunk in _custom_chunks(model, job, registry.iterate(ext, "custom_generate_reply", replies)):
+                    yielded = True
+                    yield chunk
+                if yielded:
+                    return
+        if registry.has("tokenizer_modifier") and isinstance(prompt, str):
+            job.prompt = _modify_tokens(registry, model, hooks.state, prompt, job.params)
+        yield from self._run(model, job)
+
+
+def _input_hooks(registry: ExtensionRegistry, job: _Job, state: dict[str, Any] | None,
+                 is_chat: bool) -> _Hooks:
+    """The job's hooks; for a plain completion, state_modifier and input_modifier run now."""
+    if is_chat:
+        return _Hooks(registry, state if state is not None else make_state(job.params, is_chat=True), True, job.prompt)
+    state = make_state(job.params, **(state or {}))
+    state = registry.chain("state_modifier", state, check=lambda v: isinstance(v, dict))
+    original = job.prompt
+    if isinstance(job.prompt, str):
+        job.prompt = registry.chain("input_modifier", job.prompt, state, False, check=lambda v: isinstance(v, str))
+    return _Hooks(registry, state, False, original)
+
+
+def _modify_tokens(registry: ExtensionRegistry, model: LoadedModel, state: dict[str, Any], prompt: str,
+                   params: SamplingParams) -> list[int]:
+    """tokenizer_modifier(state, prompt, input_ids, input_embeds) over the encoded prompt.
+
+    Each hook returns (prompt, input_ids, input_embeds); the loaders take ids only, so
+    embeddings an extension returns are ignored (logged).
+    """
+    ids, embeds = model.encode(prompt, add_bos=params.add_bos_token), None
+    for ext in registry.enabled:
+        if "tokenizer_modifier" not in ext.hooks:
+            continue
+        ok, result = registry.call(ext, "tokenizer_modifier", state, prompt, ids, embeds)
+        if ok and isinstance(result, tuple) and len(result) == 3 and isinstance(result[1], list):
+            prompt, ids, embeds = result[0], [int(t) for t in result[1]], result[2]
+        elif ok:
+            log.error("extension %s: tokenizer_modifier must return (prompt, input_ids, input_embeds)", ext.name)
+    if embeds is not None:
+        log.warning("input_embeds from tokenizer_modifier are ignored: the loaders take token ids only")
+    return ids
+
+
+def _custom_chunks(model: LoadedModel, job: _Job, replies: Iterator[Any]) -> Iterator[GenerationChunk]:
+    """Chunks from a custom_generate_reply generator, which yields the whole text so far (ooba's way)."""
+    prompt_tokens = len(job.prompt) if isinstance(job.prompt, list) else len(model.encode(job.prompt))
+    text, count = "", 0
+    for reply in replies:
+        if not isinstance(reply, str):
+            continue
+        count += 1
+        delta = reply[len(text):] if reply.startswith(text) else reply
+        text = reply
+        yield GenerationChunk(delta, text, prompt_tokens, count, None, job.params.seed)
+        if job.cancel.is_set():
+            break
+    if count:
+        finish = FINISH_CANCELLED if job.cancel.is_set() else FINISH_STOP
+        yield GenerationChunk("", text, prompt_tokens, count, finish, job.params.seed)
+
+
+def _modify_output(hooks: _Hooks, chunk: GenerationChunk) -> GenerationChunk:
+    """The last chunk with output_modifier applied to its whole text.
+
+    `delta` stays consistent for streaming readers when the modified text extends what was
+    streamed; a rewrite (a translation) is in `text` only, the raw text in `original`. A chat
+    reply is given without its surrounding whitespace (as ooba does), kept around the result.
+    """
+    if not hooks.registry.has("output_modifier"):
+        return chunk
+    body = chunk.text.strip() if hooks.is_chat else chunk.text
+    new = hooks.registry.chain("output_modifier", body, hooks.state, hooks.is_chat,
+                               check=lambda v: isinstance(v, str))
+    if new == body:
+        return chunk
+    lead = chunk.text[: len(chunk.text) - len(chunk.text.lstrip())] if hooks.is_chat else ""
+    text = lead + new
+    streamed = chunk.text[: len(chunk.text) - len(chunk.delta)]
+    delta = text[len(streamed):] if text.startswith(streamed) else chunk.delta
+    return replace(chunk, delta=delta, text=text, original=chunk.text)
 
 
 def _describe(model: LoadedModel, token: int) -> TokenLogprob:

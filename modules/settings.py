@@ -25,8 +25,8 @@ GROUPS = ("Model", "llama.cpp", "Transformers", "Server", "Other")
 def _opt(default: Any, group: str, help: str, **extra: Any) -> Any:
     """A settings field with its flag group and help text."""
     meta = {"group": group, "help": help, **extra}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -77,6 +77,8 @@ class Settings:
     # Other
     settings: str = _opt("settings.yaml", "Other", "Settings file to load (and to save from the UI).", persist=False)
     extensions: list[str] = _opt([], "Other", "Extensions to load, by folder name in extensions/.", nargs="+")
+    extension_params: dict[str, dict[str, Any]] = _opt(
+        {}, "Other", "Saved extension settings: {extension: {param: value}} (settings.yaml only).", cli=False)
     verbose: bool = _opt(False, "Other", "Log more, including the prompts sent to the model.")
     theme: str = _opt("system", "Other", "Colour theme of the web UI: follow the browser (system), light or dark.",
                       choices=("system", "light", "dark"))
@@ -123,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     defaults = Settings()
     for f in dataclasses.fields(Settings):
+        if not f.metadata.get("cli", True):
+            continue  # a structured value: settings.yaml only
         group = groups[f.metadata["group"]]
         default = getattr(defaults, f.name)
         help_text = f.metadata["help"]

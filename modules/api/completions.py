@@ -14,7 +14,7 @@ from typing import Any
 
 from modules.api.schemas import ChatCompletionRequest, CompletionRequest
 from modules.api.state import ApiState, usage
-from modules.chat.prompt import CONTINUE, DEFAULT_CHAT_INSTRUCT_COMMAND, INSTRUCT, REPLY
+from modules.chat.prompt import CONTINUE, DEFAULT_CHAT_INSTRUCT_COMMAND, INSTRUCT, REPLY, BuiltPrompt
 from modules.chat.service import ChatSetup
 from modules.chat.types import ASSISTANT, USER, Message, Persona
 from modules.errors import InvalidRequestError
@@ -123,8 +123,10 @@ def chat_logprobs(steps: Sequence[TokenLogprob]) -> dict[str, Any]:
                         for s in steps]}
 
 
-def chat_prompt(state: ApiState, req: ChatCompletionRequest, params: SamplingParams) -> tuple[str, SamplingParams]:
-    """The prompt text for `req` built by the chat engine, and `params` with its stop strings."""
+def chat_prompt(state: ApiState, req: ChatCompletionRequest,
+                params: SamplingParams) -> tuple[BuiltPrompt, SamplingParams]:
+    """The prompt for `req` built by the chat engine (extension hooks included), and `params`
+    with its stop strings."""
     if not req.messages:
         raise InvalidRequestError("messages must hold at least one message", "messages")
     app = state.app
@@ -143,8 +145,9 @@ def chat_prompt(state: ApiState, req: ChatCompletionRequest, params: SamplingPar
     messages = list(turns)
     if system and not (req.mode == INSTRUCT and not req.system_message):
         messages.insert(0, Message("system", system))
-    built = app.chat.build(messages, setup, params, CONTINUE if req.continue_ else REPLY)
-    return built.text, params.replace(stop=list(dict.fromkeys([*params.stop, *built.stop])))
+    built = app.chat.build(messages, setup, params, CONTINUE if req.continue_ else REPLY,
+                           new_input=not req.continue_, is_api=True)
+    return built, params.replace(stop=list(dict.fromkeys([*params.stop, *built.stop])))
 
 
 class ChatCompletionJob(_Job):
@@ -161,13 +164,14 @@ class ChatCompletionJob(_Job):
                 "(or a GBNF grammar in grammar_string)", "response_format")
         self.req = req
         params = req.to_sampling_params(state.default_params(req.max_tokens_given()))
-        self.prompt, params = chat_prompt(state, req, params)
+        built, params = chat_prompt(state, req, params)
+        self.prompt, self.hook_state = built.text, built.state
         self.run = state.run(params)
         self.cancel = self.run.cancel
         self.strip = not req.continue_  # a fresh reply starts at its first visible character
 
     def response(self) -> dict[str, Any]:
-        chunks = list(self.run.chunks(self.prompt))
+        chunks = list(self.run.chunks(self.prompt, hook_state=self.hook_state))
         last = chunks[-1]
         text = last.text.lstrip() if self.strip else last.text
         steps = [step for chunk in chunks for step in chunk.logprobs]
@@ -187,7 +191,7 @@ class ChatCompletionJob(_Job):
         yield self._chunk({"role": "assistant", "content": ""}, None)
         last: GenerationChunk | None = None
         started = not self.strip
-        for chunk in self.run.chunks(self.prompt):
+        for chunk in self.run.chunks(self.prompt, hook_state=self.hook_state):
             last = chunk
             delta = chunk.delta if started else chunk.delta.lstrip()
             started = started or bool(delta)

@@ -82,7 +82,8 @@ def chat_prompt_route(body: ChatCompletionRequest, request: Request) -> dict[str
     """The prompt /v1/chat/completions would send to the model for this request."""
     state = get_state(request)
     params = body.to_sampling_params(state.default_params(body.max_tokens_given()))
-    text, _ = chat_prompt(state, body, params)
+    built, _ = chat_prompt(state, body, params)
+    text = built.text
     return {"prompt": text}
 
 

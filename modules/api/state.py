@@ -112,14 +112,22 @@ class Run:
         self._live: Iterator[GenerationChunk] | None = None
         self._cancelled = threading.Event()
 
-    def chunks(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[GenerationChunk]:
-        """Chunks of one generation of `prompt`; the last carries finish_reason."""
-        self._live = self._chunks(prompt, params)
+    def chunks(self, prompt: str | list[int], params: SamplingParams | None = None,
+               hook_state: dict[str, Any] | None = None) -> Iterator[GenerationChunk]:
+        """Chunks of one generation of `prompt`; the last carries finish_reason.
+
+        `hook_state` is a chat prompt's extension state (BuiltPrompt.state); without one the
+        generator runs the plain-completion hooks itself.
+        """
+        self._live = self._chunks(prompt, params, hook_state)
         return self._live
 
-    def _chunks(self, prompt: str | list[int], params: SamplingParams | None) -> Iterator[GenerationChunk]:
+    def _chunks(self, prompt: str | list[int], params: SamplingParams | None,
+                hook_state: dict[str, Any] | None) -> Iterator[GenerationChunk]:
         started, first = time.perf_counter(), None
-        stream = self.state.app.generator.submit(prompt, params or self.params)
+        chat = hook_state is not None
+        stream = self.state.app.generator.submit(prompt, params or self.params,
+                                                 state=hook_state if chat else {"is_api": True}, is_chat=chat)
         self._current = stream
         self.state.active.add(stream)
         if self._cancelled.is_set():

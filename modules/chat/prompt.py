@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from modules.chat.types import ASSISTANT, SYSTEM, USER, Character, Message, Persona
 from modules.errors import ContextLengthExceededError, InvalidRequestError
@@ -68,6 +69,8 @@ class BuiltPrompt:
     dropped_messages: int
     """Oldest messages left out to fit the budget."""
     tokens: int
+    state: dict[str, Any] | None = None
+    """The extensions' state dict when extensions are enabled (the generator's hooks need it)."""
 
 
 def substitute(text: str, character: Character, persona: Persona) -> str:
@@ -133,7 +136,7 @@ def build_prompt(
             "messages",
         )
     start, text, tokens = best
-    return BuiltPrompt(text, _stop_strings(character, persona, options), start, tokens)
+    return BuiltPrompt(text, stop_strings(character, persona, options), start, tokens)
 
 
 def _split_pinned(messages: Sequence[Message], mode: str) -> tuple[list[Message], list[Message]]:
@@ -151,7 +154,8 @@ def _split_pinned(messages: Sequence[Message], mode: str) -> tuple[list[Message]
     return pinned, list(messages[index:])
 
 
-def _stop_strings(character: Character, persona: Persona, options: PromptOptions) -> list[str]:
+def stop_strings(character: Character, persona: Persona, options: PromptOptions) -> list[str]:
+    """The user's stop strings plus, in the chat modes, the two speakers' next-line names."""
     stops = list(options.extra_stop)
     if options.mode in (CHAT, CHAT_INSTRUCT):
         stops += [f"\n{persona.name}:", f"\n{character.name}:"]

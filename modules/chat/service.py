@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from modules.chat.hooks import build_with_hooks
 from modules.chat.prompt import (
     CHAT,
     CONTINUE,
@@ -30,6 +31,7 @@ from modules.chat.prompt import (
 from modules.chat.templates import TemplateChoice, TemplateStore, choose_template, load_model_patterns
 from modules.chat.types import ASSISTANT, USER, Character, Chat, Message, Persona
 from modules.errors import InvalidRequestError
+from modules.extensions import ExtensionRegistry
 from modules.generation import GenerationChunk, Generator, Stream
 from modules.model_manager import ModelManager
 from modules.sampling import SamplingParams
@@ -51,9 +53,14 @@ class ChatSetup:
 
 
 class ChatStream:
-    """Chunks of one chat action; `text` is the message as it stands, `cancel()` stops it."""
+    """Chunks of one chat action; `text` is the message as shown, `cancel()` stops it.
 
-    def __init__(self, stream: Stream, apply: Callable[[str], None], prefix: str, strip_leading: bool,
+    `apply(content, visible)` writes each step into the chat: when an output_modifier
+    changed the final text, `content` keeps the model's words (the next prompt reads
+    them) and `visible` the modified text (what the UI shows); else `visible` is None.
+    """
+
+    def __init__(self, stream: Stream, apply: Callable[[str, str | None], None], prefix: str, strip_leading: bool,
                  on_end: Callable[[], None], prompt: BuiltPrompt) -> None:
         self._stream = stream
         self._apply = apply
@@ -67,16 +74,21 @@ class ChatStream:
     def __iter__(self) -> Iterator[GenerationChunk]:
         try:
             for chunk in self._stream:
-                generated = chunk.text.lstrip() if self._strip else chunk.text
-                if chunk.finish_reason:
-                    generated = generated.rstrip()
-                self.text = self._prefix + generated
-                self._apply(self.text)
+                content = self._prefix + self._clean(chunk.text, chunk)
+                visible = None
+                if chunk.original is not None:
+                    content, visible = self._prefix + self._clean(chunk.original, chunk), content
+                self.text = visible if visible is not None else content
+                self._apply(content, visible)
                 self.last = chunk
                 yield chunk
         finally:
             self._stream.cancel()
             self._on_end()
+
+    def _clean(self, text: str, chunk: GenerationChunk) -> str:
+        text = text.lstrip() if self._strip else text
+        return text.rstrip() if chunk.finish_reason else text
 
     def cancel(self) -> None:
         self._stream.cancel()
@@ -92,8 +104,10 @@ class ChatService:
 
     def __init__(self, generator: Generator, models: ModelManager, renderer: Renderer,
                  save: Callable[[Chat], object] | None = None,
-                 templates: TemplateStore | None = None, patterns_file: Path | None = None) -> None:
+                 templates: TemplateStore | None = None, patterns_file: Path | None = None,
+                 extensions: ExtensionRegistry | None = None) -> None:
         self.generator = generator
+        self.extensions = extensions
         self.models = models
         self.renderer = renderer
         self._save = save
@@ -120,8 +134,14 @@ class ChatService:
         return chat
 
     def build(self, messages: list[Message], setup: ChatSetup, params: SamplingParams,
-              action: str = REPLY, partial: str = "") -> BuiltPrompt:
-        """The prompt the model would get, fitted to the loaded model's context."""
+              action: str = REPLY, partial: str = "", *, new_input: bool = False,
+              is_api: bool = False) -> BuiltPrompt:
+        """The prompt the model would get, fitted to the loaded model's context.
+
+        With extensions enabled, the prompt-side hooks run here (modules/chat/hooks.py) and
+        the result carries their `state`; `new_input` marks the last user message as just
+        typed, so the input hooks rewrite it in place (content, visible).
+        """
         model = self.models.require()
         window = model.info.context_length
         budget = min(params.truncation_length or window, window) - params.max_new_tokens
@@ -130,9 +150,17 @@ class ChatService:
             system_message=setup.system_message, bos_token=model.info.bos_token or "",
             eos_token=model.info.eos_token or "", extra_stop=list(params.stop),
         )
-        return build_prompt(messages, setup.character, setup.persona, options, self.renderer,
-                            lambda text: len(model.encode(text, add_bos=params.add_bos_token)), budget,
-                            action, partial)
+        def count(text: str) -> int:
+            return len(model.encode(text, add_bos=params.add_bos_token))
+
+        def build(history: list[Message]) -> BuiltPrompt:
+            return build_prompt(history, setup.character, setup.persona, options, self.renderer, count, budget,
+                                action, partial)
+
+        if self.extensions is None or not self.extensions.active:
+            return build(messages)
+        return build_with_hooks(self.extensions, messages, setup, params, action, new_input, is_api, build,
+                                options, count)
 
     # --- generating actions ----------------------------------------------------------
     def send(self, chat: Chat, text: str, setup: ChatSetup, params: SamplingParams,
@@ -143,11 +171,11 @@ class ChatService:
         user, reply = Message(USER, text), Message(ASSISTANT, start_reply_with)
         pending = [*chat.messages, user, reply]
         if start_reply_with:
-            prompt = self.build(pending, setup, params, CONTINUE)
+            prompt = self.build(pending, setup, params, CONTINUE, new_input=True)
         else:
-            prompt = self.build(pending[:-1], setup, params, REPLY)
+            prompt = self.build(pending[:-1], setup, params, REPLY, new_input=True)
         chat.messages += [user, reply]  # only once the prompt is built: a refused send leaves the chat as it was
-        return self._start(chat, prompt, params, lambda t: _set_content(reply, t), start_reply_with,
+        return self._start(chat, prompt, params, lambda t, v: _set_content(reply, t, v), start_reply_with,
                            strip=not start_reply_with)
 
     def regenerate(self, chat: Chat, setup: ChatSetup, params: SamplingParams) -> ChatStream:
@@ -158,24 +186,27 @@ class ChatService:
             last.swipes = [last.content]
         last.swipes.append("")
         last.swipe_index = len(last.swipes) - 1
-        return self._start(chat, prompt, params, lambda t: _set_content(last, t), "", strip=True)
+        return self._start(chat, prompt, params, lambda t, v: _set_content(last, t, v), "", strip=True)
 
     def continue_(self, chat: Chat, setup: ChatSetup, params: SamplingParams) -> ChatStream:
         """Extend the last reply where it stopped."""
         last = _last_reply(chat, allow_greeting=True)
         prompt = self.build(chat.messages, setup, params, CONTINUE)
-        return self._start(chat, prompt, params, lambda t: _set_content(last, t), last.content, strip=False)
+        return self._start(chat, prompt, params, lambda t, v: _set_content(last, t, v), last.content, strip=False)
 
     def impersonate(self, chat: Chat, setup: ChatSetup, params: SamplingParams, partial: str = "") -> ChatStream:
         """Write the user's next message (shown in the input box, not added to the chat)."""
         prompt = self.build(chat.messages, setup, params, IMPERSONATE, partial)
         prefix = f"{partial} " if partial and not partial.endswith(" ") else partial
-        return self._start(None, prompt, params, lambda t: None, prefix, strip=True)
+        return self._start(None, prompt, params, lambda t, v: None, prefix, strip=True)
 
     def _start(self, chat: Chat | None, prompt: BuiltPrompt, params: SamplingParams,
-               apply: Callable[[str], None], prefix: str, strip: bool) -> ChatStream:
+               apply: Callable[[str, str | None], None], prefix: str, strip: bool) -> ChatStream:
         stops = list(dict.fromkeys([*params.stop, *prompt.stop]))
-        stream = self.generator.submit(prompt.text, params.replace(stop=stops))
+        if prompt.state is None:
+            stream = self.generator.submit(prompt.text, params.replace(stop=stops))
+        else:
+            stream = self.generator.submit(prompt.text, params.replace(stop=stops), state=prompt.state, is_chat=True)
 
         def on_end() -> None:
             if chat is not None and self._save is not None:
@@ -197,6 +228,7 @@ class ChatService:
             raise InvalidRequestError(f"there are {len(last.swipes)} alternatives; no number {index}", "swipe")
         last.swipe_index = index % len(last.swipes)
         last.content = last.swipes[last.swipe_index]
+        last.visible = None  # an extension's display text belonged to the swipe shown before
         return last
 
     @staticmethod
@@ -223,8 +255,9 @@ class ChatService:
         return user_text
 
 
-def _set_content(message: Message, text: str) -> None:
+def _set_content(message: Message, text: str, visible: str | None = None) -> None:
     message.content = text
+    message.visible = visible
     if message.swipes:
         message.swipes[message.swipe_index] = text
 

@@ -12,7 +12,15 @@ from typing import Any
 import gradio as gr
 
 from modules.app import App
-from modules.ui import chat_tab, default_tab, model_tab, notebook_tab, parameters_tab, session_tab
+from modules.ui import (
+    chat_tab,
+    default_tab,
+    extensions_ui,
+    model_tab,
+    notebook_tab,
+    parameters_tab,
+    session_tab,
+)
 from modules.ui.common import default_params
 
 TITLE = "LLM Workbench"
@@ -35,9 +43,17 @@ def create_ui(app: App) -> gr.Blocks:
             model_tab.create_ui(app)
         with gr.Tab("Session"):
             session_tab.create_ui(app, demo)
+        extensions_ui.create_ui(app)
     return demo
 
 
-def launch_options() -> dict[str, Any]:
-    """Options that gradio 6 takes in launch() rather than Blocks()."""
-    return {"theme": gr.themes.Soft(), "show_error": True}
+def launch_options(app: App | None = None) -> dict[str, Any]:
+    """Options that gradio 6 takes in launch() rather than Blocks(): theme, and the
+    enabled extensions' custom_css / custom_js."""
+    options: dict[str, Any] = {"theme": gr.themes.Soft(), "show_error": True}
+    if app is not None:
+        if css := extensions_ui.css(app):
+            options["css"] = css
+        if js := extensions_ui.js(app):
+            options["js"] = js
+    return options

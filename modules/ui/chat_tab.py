@@ -21,7 +21,7 @@ from modules.chat.prompt import CHAT, MODES
 from modules.chat.service import ChatSetup, ChatStream
 from modules.chat.types import Chat, Persona
 from modules.errors import ModelNotLoadedError, WorkbenchError
-from modules.ui import chat_view
+from modules.ui import chat_view, extensions_ui
 from modules.ui.common import sampling_from_state
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,8 @@ def _drive(app: App, chat: Chat, stream: ChatStream, kind: str, text: str) -> It
     except Exception as exc:  # noqa: BLE001 - a backend failure must leave the UI usable
         log.exception("chat generation failed")
         raise _error(f"Generation failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        extensions_ui.show_errors(app)
     # The stream saved the chat when it ended: now it has an id for the past-chats list.
     seconds = time.perf_counter() - start
     final = [*_view(app, chat, stats=chat_view.stats_text(stream.last, seconds)), box]

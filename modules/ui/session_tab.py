@@ -1,7 +1,8 @@
 """Session tab: extensions on/off, light/dark theme, the current flags, Save settings, Restart the UI.
 
-Changes here go to `app.settings` at once and to settings.yaml on Save settings; the
-extension list takes effect at the next start (or Restart). Secrets are never shown.
+Changes here go to `app.settings` at once and to settings.yaml on Save settings (with the
+extensions' params). Extension hooks apply from the next generation; an extension's own
+controls (its ui()) appear after Restart. Secrets are never shown.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def create_ui(app: App, demo: gr.Blocks) -> None:
                              info="system follows your browser; Save settings to keep it for the next start.")
             if found:
                 extensions = gr.CheckboxGroup(found, value=[e for e in app.settings.extensions if e in found],
-                                              label="Extensions", info="Applied at the next start or Restart.")
+                                              label="Extensions",
+                                              info="Hooks apply at once; their controls appear after Restart.")
             else:
                 gr.Markdown("**Extensions:** none installed. Put one in `extensions/NAME/script.py`.")
                 extensions = None
@@ -58,7 +60,13 @@ def create_ui(app: App, demo: gr.Blocks) -> None:
         return _update(app, theme=value), flags_yaml(app.settings)
 
     def on_extensions(value: list[str]) -> tuple[str, str]:
-        return _update(app, extensions=list(value or [])), flags_yaml(app.settings)
+        names = list(value or [])
+        loaded = app.set_extensions(names)
+        failed = [n for n in names if n not in loaded]
+        message = f"Extensions on: {', '.join(loaded) or 'none'}; press **Save settings** to keep this."
+        if failed:
+            message += f" **Could not load:** {', '.join(failed)} (see the log)."
+        return message, flags_yaml(app.settings)
 
     def on_save() -> tuple[str, str]:
         try:

@@ -16,6 +16,7 @@ from modules.app import App
 from modules.errors import WorkbenchError
 from modules.generation import GenerationChunk, Stream
 from modules.sampling import SamplingParams
+from modules.ui import extensions_ui
 from modules.ui.common import sampling_from_state
 
 NO_MODEL_COUNT = "load a model to count tokens"
@@ -50,6 +51,7 @@ class SessionStreams:
             raise gr.Error(str(exc)) from None
         finally:
             stream.cancel()
+            extensions_ui.show_errors(app)
             if self._running.get(key) is stream:
                 del self._running[key]
 
