@@ -51,9 +51,10 @@ if [ "$(cat "$ENV_DIR/.installed-app" 2>/dev/null)" != "$app_stamp" ]; then
 fi
 
 if [ "$DEV" = 1 ]; then
-  dev_stamp=$(stamp_of requirements-dev.txt)
+  dev_stamp=$(stamp_of requirements-dev.txt requirements-dev-nodeps.txt)
   if [ "$(cat "$ENV_DIR/.installed-dev" 2>/dev/null)" != "$dev_stamp" ]; then
     "$PY" -m pip install -r requirements-dev.txt
+    "$PY" -m pip install --no-deps -r requirements-dev-nodeps.txt
     echo "$dev_stamp" > "$ENV_DIR/.installed-dev"
   fi
 fi

@@ -251,6 +251,7 @@ def test_memory_brings_back_a_relevant_exchange_from_an_earlier_chat(app, fake):
     fake.script = script_text(" Your cat is called Whiskers.") + [EOS]
     app.chat.send(first, "My cat is called Whiskers", SETUP, PARAMS).result()
     assert (app.root / "logs" / "memory" / "memory.sqlite3").is_file()
+    assert list((app.root / "logs" / "memory").glob("*.usearch"))  # the HNSW index file
     second = app.chat.new_chat(SETUP)
     fake.script = script_text(" Whiskers!") + [EOS]
     app.chat.send(second, "What is my cat called?", SETUP, PARAMS).result()

