@@ -64,7 +64,8 @@ def texts(messages: list[dict]) -> list[tuple[str, str]]:
 def test_view_shows_user_and_assistant_turns_and_maps_edits_back() -> None:
     chat = Chat("Assistant", [Message("system", "be nice"), Message("user", "hi"),
                               Message("assistant", "hello", visible="HELLO")])
-    assert chat_view.to_messages(chat) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "HELLO"}]
+    assert chat_view.to_messages(chat) == [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": "HELLO\n\n---\n> hello"}]
     assert chat_view.chat_index(chat, 1) == 2
     with pytest.raises(IndexError):
         chat_view.chat_index(chat, 2)
@@ -218,3 +219,14 @@ def test_persona_fields_come_from_the_persona_store(served: tuple[App, str]) -> 
     app, _ = served
     app.personas.save(Persona(name="Sam", description="A sailor."))
     assert _persona_fields(app, "Sam") == ["Sam", "A sailor."]
+
+
+def test_a_rewritten_message_shows_both_texts_and_edits_keep_only_the_typed_one():
+    from modules.chat.types import ASSISTANT, Message
+    from modules.ui import chat_view
+
+    translated = Message(ASSISTANT, "Hello Bob.\nHow are you?", visible="Bonjour Bob.\nComment vas-tu ?")
+    shown = chat_view.display_text(translated)
+    assert shown == "Bonjour Bob.\nComment vas-tu ?\n\n---\n> Hello Bob.\n> How are you?"
+    assert chat_view.display_text(Message(ASSISTANT, "plain")) == "plain"
+    assert chat_view.edited_text([{"type": "text", "text": "Salut Bob." + shown[len(translated.visible):]}]) == "Salut Bob."

@@ -231,7 +231,7 @@ def _wire_editing(app: App, w: ChatWidgets) -> None:
             return _view(app, chat)
         index = event.index[0] if isinstance(event.index, (tuple, list)) else event.index
         try:
-            app.chat.edit(chat, chat_view.chat_index(chat, int(index)), chat_view.message_text(event.value))
+            app.chat.edit(chat, chat_view.chat_index(chat, int(index)), chat_view.edited_text(event.value))
         except (IndexError, WorkbenchError) as exc:
             gr.Warning(f"Could not edit that message: {exc}")
             return _view(app, chat)

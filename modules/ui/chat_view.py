@@ -23,9 +23,27 @@ def _shown(chat: Chat | None) -> list[tuple[int, Message]]:
     return [(i, m) for i, m in enumerate(chat.messages) if m.role in SHOWN_ROLES]
 
 
+ORIGINAL_MARK = "\n\n---\n"
+"""Separates a message's shown text from the model's text when an extension rewrote it."""
+
+
+def display_text(message: Message) -> str:
+    """What the Chatbot shows: the text, or, when an extension (translate) rewrote it, the
+    rewritten text with the model's own text quoted under it, so both are visible."""
+    if message.visible is None or message.visible == message.content:
+        return message.content
+    quoted = "\n".join(f"> {line}" for line in message.content.splitlines() or [""])
+    return f"{message.visible}{ORIGINAL_MARK}{quoted}"
+
+
+def edited_text(value: Any) -> str:
+    """The text a user typed into an edited message, without the quoted model text."""
+    return message_text(value).split(ORIGINAL_MARK, 1)[0]
+
+
 def to_messages(chat: Chat | None) -> list[dict[str, str]]:
-    """The chat as gr.Chatbot messages ({"role", "content"}), showing each turn's `shown` text."""
-    return [{"role": m.role, "content": m.shown} for _, m in _shown(chat)]
+    """The chat as gr.Chatbot messages ({"role", "content"})."""
+    return [{"role": m.role, "content": display_text(m)} for _, m in _shown(chat)]
 
 
 def chat_index(chat: Chat, shown_index: int) -> int:
