@@ -12,6 +12,7 @@ import re
 import time
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from tests.browser.conftest import REPO, Server, screenshot
 
@@ -37,9 +38,16 @@ def load_model(page, name: str) -> None:  # noqa: ANN001
 
 
 def bot_text(page, index: int = -1) -> str:  # noqa: ANN001
+    """The text of a bot bubble now, or "" while the chat is being redrawn (bubbles can vanish
+    between counting them and reading one: callers poll through wait_until)."""
     bubbles = page.locator(BOT)
     count = bubbles.count()
-    return bubbles.nth(index % count).inner_text() if count else ""
+    if not count:
+        return ""
+    try:
+        return bubbles.nth(index % count).inner_text(timeout=1_000)
+    except PlaywrightTimeoutError:
+        return ""
 
 
 def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:  # noqa: ANN001
