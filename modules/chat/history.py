@@ -25,7 +25,7 @@ from pathlib import Path
 from modules.chat import chat_formats
 from modules.chat.types import USER, Chat
 from modules.errors import ChatNotFoundError, InvalidRequestError, UnsafePathError
-from modules.paths import atomic_write_text, check_name, safe_join
+from modules.paths import atomic_write_text, check_name, fsync_dir, safe_join
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class HistoryStore:
             return new_id
         with self._lock:
             _rename_without_replacing(source, target)
-        _sync_folder(source.parent)
+        fsync_dir(source.parent)
         return new_id
 
     def delete(self, character: str, chat_id: str) -> None:
@@ -367,17 +367,3 @@ def _rename_without_replacing(source: Path, target: Path) -> None:
         os.rename(source, target)
         return
     source.unlink()
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make a rename durable (POSIX); folders cannot be opened on every OS."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

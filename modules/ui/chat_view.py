@@ -13,6 +13,7 @@ from typing import Any
 from modules.chat.history import ChatSummary
 from modules.chat.types import ASSISTANT, USER, Chat, Message
 from modules.generation import GenerationChunk
+from modules.ui.common import speed_text
 
 SHOWN_ROLES = (USER, ASSISTANT)
 
@@ -101,12 +102,4 @@ def chat_choices(summaries: Sequence[ChatSummary]) -> list[tuple[str, str]]:
 
 def stats_text(chunk: GenerationChunk | None, seconds: float) -> str:
     """ "N tokens, R tokens/s" for the last reply, with why it ended once it has."""
-    if chunk is None:
-        return ""
-    rate = chunk.completion_tokens / seconds if seconds > 0 else 0.0
-    text = f"{chunk.completion_tokens} tokens, {rate:.1f} tokens/s"
-    if chunk.finish_reason:
-        text += f" · {chunk.finish_reason}"
-    if chunk.truncated_tokens:
-        text += f" · {chunk.truncated_tokens} old prompt tokens left out to fit"
-    return text
+    return "" if chunk is None else speed_text(chunk, seconds)

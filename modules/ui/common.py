@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from modules.generation import GenerationChunk
 from modules.sampling import SamplingParams
 
 #: The UI's starting point before any preset is applied: a sane chat default.
@@ -34,3 +35,14 @@ def sampling_from_state(state: dict[str, Any] | None, **overrides: Any) -> Sampl
     values = dict(state or default_params())
     values.update(overrides)
     return SamplingParams.from_mapping(values)
+
+
+def speed_text(chunk: GenerationChunk, seconds: float) -> str:
+    """'N tokens, R tokens/s' under a reply, then why it ended and any prompt cut."""
+    rate = chunk.completion_tokens / seconds if seconds > 0 else 0.0
+    text = f"{chunk.completion_tokens} tokens, {rate:.1f} tokens/s"
+    if chunk.finish_reason:
+        text += f" · {chunk.finish_reason}"
+    if chunk.truncated_tokens:
+        text += f" · {chunk.truncated_tokens} old prompt tokens left out to fit"
+    return text

@@ -14,10 +14,10 @@ import gradio as gr
 
 from modules.app import App
 from modules.errors import WorkbenchError
-from modules.generation import GenerationChunk, Stream
+from modules.generation import Stream
 from modules.sampling import SamplingParams
 from modules.ui import extensions_ui
-from modules.ui.common import sampling_from_state
+from modules.ui.common import sampling_from_state, speed_text
 
 NO_MODEL_COUNT = "load a model to count tokens"
 
@@ -85,12 +85,4 @@ def prompt_budget(app: App, params: SamplingParams) -> int | None:
     return min(params.truncation_length or window, window) - params.max_new_tokens
 
 
-def speed_line(chunk: GenerationChunk, seconds: float) -> str:
-    """'N tokens, R tokens/s' plus the finish reason and any prompt cut."""
-    rate = chunk.completion_tokens / seconds if seconds > 0 else 0.0
-    text = f"{chunk.completion_tokens} tokens, {rate:.1f} tokens/s"
-    if chunk.finish_reason:
-        text += f" · finished: {chunk.finish_reason}"
-    if chunk.truncated_tokens:
-        text += f" · {chunk.truncated_tokens} prompt tokens cut to fit"
-    return text
+speed_line = speed_text

@@ -6,6 +6,7 @@ presets folder of its own and starts with the kit's GGUF loaded.
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -51,7 +52,8 @@ def test_notebook_generates_in_place_with_memory(page, server: Server) -> None: 
     page.fill("#notebook-text textarea", story)
     page.click("#notebook-generate")
     text = page.locator("#notebook-text textarea")
-    wait_until(lambda: len(text.input_value()) > len(story) and "finished" in page.inner_text("body"),
+    wait_until(lambda: len(text.input_value()) > len(story)
+               and re.search(r"tokens/s · (stop|length)", page.inner_text("body")) is not None,
                timeout=60, what="the notebook to grow")
     value = text.input_value()
     assert value.startswith(story)
