@@ -56,12 +56,15 @@ def create_ui(app: App) -> None:
         names = app.models.list_models()
         return gr.update(choices=names, value=app.models.name)
 
+    def chosen_options(name: str, loader_name: str, values: tuple[Any, ...]) -> dict[str, Any]:
+        """The option inputs of the loader that will load `name`, by option name."""
+        wanted = set(names_by_loader.get(_chosen_loader(app, name, loader_name) or "", ()))
+        return {n: _clean(v) for n, v in zip(option_names, values, strict=True) if n in wanted}
+
     def on_load(name: str | None, loader_name: str, *values: Any) -> str:
         if not name:
             return "Pick a model first."
-        chosen = _chosen_loader(app, name, loader_name)
-        wanted = set(names_by_loader.get(chosen or "", ()))
-        overrides = {n: _clean(v) for n, v in zip(option_names, values, strict=True) if n in wanted}
+        overrides = chosen_options(name, loader_name, values)
         try:
             app.models.load(name, loader=None if loader_name == AUTO else loader_name, overrides=overrides)
         except WorkbenchError as exc:
@@ -74,9 +77,7 @@ def create_ui(app: App) -> None:
     def on_save(name: str | None, loader_name: str, *values: Any) -> str:
         if not name:
             return "Pick a model first."
-        chosen = _chosen_loader(app, name, loader_name)
-        wanted = set(names_by_loader.get(chosen or "", ()))
-        options = {n: _clean(v) for n, v in zip(option_names, values, strict=True) if n in wanted}
+        options = chosen_options(name, loader_name, values)
         try:
             path = app.models.save_settings(name, None if loader_name == AUTO else loader_name, options)
         except (WorkbenchError, OSError) as exc:

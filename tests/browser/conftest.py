@@ -160,3 +160,13 @@ def screenshot(page, name: str) -> Path:  # noqa: ANN001 - Playwright's Page
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:  # noqa: ANN001
+    """Poll `condition` every 0.1 s until it holds; fail the test naming `what` after `timeout`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")

@@ -14,7 +14,7 @@ import time
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
-from tests.browser.conftest import REPO, Server, screenshot
+from tests.browser.conftest import REPO, Server, screenshot, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -48,15 +48,6 @@ def bot_text(page, index: int = -1) -> str:  # noqa: ANN001
         return bubbles.nth(index % count).inner_text(timeout=1_000)
     except PlaywrightTimeoutError:
         return ""
-
-
-def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_send_without_a_model_says_to_load_one(page, server: Server) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.browser.conftest import REPO, Server, screenshot, start_server, stop_server
+from tests.browser.conftest import REPO, Server, screenshot, start_server, stop_server, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -33,15 +33,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, server_en
 
 def open_tab(page, name: str) -> None:  # noqa: ANN001 - Playwright's Page
     page.get_by_role("tab", name=name, exact=True).click()
-
-
-def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:  # noqa: ANN001
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def test_notebook_generates_in_place_with_memory(page, server: Server) -> None:  # noqa: ANN001
