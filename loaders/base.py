@@ -98,6 +98,16 @@ class LoadedModel(Protocol):
         ...
 
 
+def concurrency_of(model: object) -> int:
+    """How many `generate()` calls `model` serves at once, each consumed in its own thread.
+
+    A loader that batches concurrent requests sets an int attribute `parallel` (its slot
+    count); the generator then runs that many requests side by side. Without it, one.
+    """
+    value = getattr(model, "parallel", 1)
+    return value if isinstance(value, int) and value > 1 else 1
+
+
 class Loader(Protocol):
     """A backend: a name, its options, its capabilities and a `load` constructor."""
 
