@@ -15,8 +15,10 @@ import gc
 import importlib.util
 import inspect
 import json
+import logging
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from loaders import PICKLE_SUFFIXES, register_loader
 from loaders.base import Capabilities, LoaderBase, ModelInfo, TokenLogprobs
 from loaders.torch_samplers import SamplerChain, dry_breaker_sequences
+from loaders.transformers_batch import BatchRequest, BatchScheduler, token_logprobs
 from modules.errors import (
     BackendMissingError,
     ContextLengthExceededError,
@@ -38,6 +41,8 @@ from modules.sampling import SAMPLER_NAMES, SamplingParams
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -r requirements.txt"
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -69,6 +74,9 @@ class TransformersOptions:
     """Run the Python code a model folder ships (needed by some architectures)."""
     allow_pickle: bool = False
     """Load pickled .bin weights when a folder has no safetensors (read with weights_only=True)."""
+    parallel: int = 1
+    """Generations served at once: above 1, concurrent requests share one batched forward per
+    step (loaders/transformers_batch.py); 1 runs each request alone, one after another."""
 
 
 @register_loader
@@ -76,6 +84,9 @@ class TransformersLoader(LoaderBase):
     """A Hugging Face causal LM in memory; implements loaders.base.LoadedModel.
 
     Build it with `load()`. After `unload()` every call raises ModelNotLoadedError.
+    With `parallel` > 1 (the option, when the model's cache can be batched), up to that many
+    generate() calls run at once, each consumed in its own thread; `last_logprobs` is then
+    per thread: the consuming thread reads its own request's numbers.
     """
 
     name = "transformers"
@@ -93,11 +104,27 @@ class TransformersLoader(LoaderBase):
         self._logits_size = info.vocab_size
         # Ids past the tokenizer's vocabulary are padding rows of the embedding: never sample them.
         self._valid_vocab = min(len(tokenizer), info.vocab_size)
-        self.last_logprobs: TokenLogprobs | None = None
-        """The last yielded token's log-probabilities, when the request asked for them."""
+        self._local = threading.local()
+        # Fast tokenizers are not thread-safe ("Already borrowed": transformers reconfigures
+        # truncation on the shared Rust object per call); parallel requests encode and decode
+        # from several threads at once.
+        self._tokenizer_lock = threading.Lock()
+        self.parallel = 1
+        """Generations served at once (see loaders.base.concurrency_of)."""
+        self._scheduler: BatchScheduler | None = None
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._breaker_cache: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
         self._vocab_texts: list[str] | None = None
+
+    @property
+    def last_logprobs(self) -> TokenLogprobs | None:
+        """The log-probabilities of the token the calling thread's generation just yielded,
+        when its request asked for them (thread-local: concurrent generations never mix)."""
+        return getattr(self._local, "logprobs", None)
+
+    @last_logprobs.setter
+    def last_logprobs(self, value: TokenLogprobs | None) -> None:
+        self._local.logprobs = value
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -118,6 +145,8 @@ class TransformersLoader(LoaderBase):
         needs trust_remote_code, or any failure inside Transformers, with its message).
         """
         path = Path(path)
+        if not isinstance(options.parallel, int) or options.parallel < 1:
+            raise UnsupportedOptionError(f"parallel must be a whole number of at least 1, got {options.parallel!r}")
         use_safetensors = _check_folder(path, options)
         torch, transformers = _import_backend()
         _check_remote_code(path, options, transformers)
@@ -139,14 +168,54 @@ class TransformersLoader(LoaderBase):
                 f"Transformers could not load {path.name}: {type(exc).__name__}: {exc}"
             ) from exc
         model.eval()
-        return cls(model, tokenizer, _build_info(path, model, tokenizer, options))
+        loaded = cls(model, tokenizer, _build_info(path, model, tokenizer, options))
+        loaded._start_batching(options.parallel)
+        return loaded
+
+    def _start_batching(self, parallel: int) -> None:
+        """Serve `parallel` generations at once through a BatchScheduler, when the model's
+        cache can be batched; otherwise stay at one (logged, and said in the metadata)."""
+        self.info.metadata["parallel"] = 1
+        if parallel <= 1:
+            return
+        why = self._unbatchable_reason()
+        if why is not None:
+            log.warning("%s serves one request at a time: %s", self.info.name, why)
+            self.info.metadata["parallel_note"] = why
+            return
+        self._scheduler = BatchScheduler(
+            self._forward_rows, context=self.info.context_length, valid_vocab=self._valid_vocab,
+            prefill_chunk=PREFILL_CHUNK, max_rows=parallel, name=self.info.name,
+        )
+        self.parallel = parallel
+        self.info.metadata["parallel"] = parallel
+
+    def _unbatchable_reason(self) -> str | None:
+        """None when the model's KV cache is a plain DynamicCache (rows can be padded, joined
+        and dropped), else why not (sliding-window, quantised or recurrent caches)."""
+        import torch
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        model = self._require_model()
+        if "position_ids" not in inspect.signature(model.forward).parameters:
+            return "its forward() takes no position_ids"
+        with torch.inference_mode():
+            cache = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self._device),
+                          use_cache=True).past_key_values
+        if not isinstance(cache, DynamicCache):
+            return f"its KV cache is a {type(cache).__name__}, which cannot be batched here"
+        odd = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+        if odd:
+            return f"its KV cache has {', '.join(odd)} layers, which cannot be batched here"
+        return None
 
     # --- tokens ------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; special-token text maps to the special token. BOS is
         prepended when `add_bos`, the model has one and the ids do not start with it."""
         tokenizer = self._require_tokenizer()
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        with self._tokenizer_lock:
+            ids = list(tokenizer.encode(text, add_special_tokens=False))
         bos = self.info.bos_token_id
         if add_bos and bos is not None and ids[:1] != [bos]:
             ids.insert(0, bos)
@@ -157,9 +226,10 @@ class TransformersLoader(LoaderBase):
         tokenizer = self._require_tokenizer()
         # No clean-up of spaces: it rewrites " ." into "." once the dot arrives, so the text
         # of a prefix would change as tokens stream in.
-        return tokenizer.decode(
-            [int(i) for i in ids], skip_special_tokens=skip_special, clean_up_tokenization_spaces=False
-        )
+        with self._tokenizer_lock:
+            return tokenizer.decode(
+                [int(i) for i in ids], skip_special_tokens=skip_special, clean_up_tokenization_spaces=False
+            )
 
     # --- generation --------------------------------------------------------------------
     def generate(
@@ -170,8 +240,18 @@ class TransformersLoader(LoaderBase):
         Stops when `stop_event` is set (checked before each step and between prompt
         chunks) or when prompt + reply fill the context. Raises InvalidRequestError for an
         empty prompt or ids outside the vocabulary, ContextLengthExceededError for a prompt
-        longer than the context, GenerationError when the backend fails.
+        longer than the context, GenerationError when the backend fails. With `parallel`
+        > 1 the steps run in the batch scheduler's thread, shared with the other requests;
+        the errors are the same, raised in the consuming thread.
         """
+        if self._scheduler is not None:
+            return self._generate_batched(prompt_ids, params, stop_event)
+        return self._generate_alone(prompt_ids, params, stop_event)
+
+    def _generate_alone(
+        self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event
+    ) -> Iterator[int]:
+        """The one-request token loop, in the consuming thread."""
         import torch
 
         model = self._require_model()
@@ -198,13 +278,42 @@ class TransformersLoader(LoaderBase):
                 raw = torch.log_softmax(logits[: self._valid_vocab].double(), dim=-1) if want else None
                 token = chain.sample(logits, history[:count])
                 if raw is not None:
-                    self.last_logprobs = _token_logprobs(raw, token, want)
+                    self.last_logprobs = token_logprobs(raw, token, want)
             history[count] = token
             count += 1
             yield token
             if count >= context or stop_event.is_set():
                 return
             logits, cache = self._forward(model, history[count - 1 : count], cache)
+
+    def _generate_batched(
+        self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event
+    ) -> Iterator[int]:
+        """The request as a row of the batch scheduler; its tokens are yielded here."""
+        import torch
+
+        scheduler = self._scheduler
+        self._require_model()
+        context = self.info.context_length
+        self._check_prompt(prompt_ids)
+        chain = SamplerChain(
+            params,
+            vocab_size=self._logits_size,
+            device=self._device,
+            eos_token_ids=self.info.eos_token_ids,
+            dry_breakers=self._dry_breakers(params),
+            valid_vocab=self._valid_vocab,
+        )
+        if len(prompt_ids) >= context or scheduler is None:
+            return
+        history = torch.zeros(context, dtype=torch.long, device=self._device)
+        history[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+        request = BatchRequest(history, len(prompt_ids), chain, stop_event, logprobs=params.logprobs)
+        with closing(scheduler.stream(request)) as tokens:  # type: ignore[type-var]
+            for token, numbers in tokens:
+                if numbers is not None:
+                    self.last_logprobs = numbers
+                yield token
 
     def _prefill(
         self, model: Any, prompt: torch.Tensor, stop_event: threading.Event
@@ -233,6 +342,27 @@ class TransformersLoader(LoaderBase):
             raise GenerationError(f"the model failed during generation: {exc}") from exc
         return logits, out.past_key_values
 
+    def _forward_rows(
+        self, ids: torch.Tensor, cache: Any, mask: torch.Tensor | None, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Any]:
+        """The batch scheduler's forward pass: `ids` [rows, tokens] after `cache`, with the
+        padding `mask` [rows, cached + tokens] and `positions` [rows, tokens] when batched;
+        (float32 logits of each row's last position [rows, vocab], the grown cache)."""
+        import torch
+
+        model = self._require_model()
+        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._has_logits_to_keep else {}
+        if mask is not None:
+            kwargs.update(attention_mask=mask, position_ids=positions)
+        try:
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
+            logits = out.logits[:, -1].to(self._device, torch.float32)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise GenerationError("out of GPU memory during generation: shorten the prompt or lower parallel") from exc
+        except RuntimeError as exc:
+            raise GenerationError(f"the model failed during generation: {exc}") from exc
+        return logits, out.past_key_values
+
     def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty: at least one token is needed", "prompt")
@@ -254,19 +384,24 @@ class TransformersLoader(LoaderBase):
         if params.dry_multiplier <= 0 or not params.dry_sequence_breakers:
             return []
         key = tuple(params.dry_sequence_breakers)
-        if key not in self._breaker_cache:
-            if len(self._breaker_cache) >= _BREAKER_CACHE_SIZE:
-                self._breaker_cache.clear()
-            tokenizer = self._require_tokenizer()
-            if self._vocab_texts is None:
-                self._vocab_texts = _vocab_texts(tokenizer, self._valid_vocab)
-            encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-            self._breaker_cache[key] = dry_breaker_sequences(key, encode, self._vocab_texts)
-        return self._breaker_cache[key]
+        with self._tokenizer_lock:  # the tokenizer, and the cache, are shared by parallel requests
+            if key not in self._breaker_cache:
+                if len(self._breaker_cache) >= _BREAKER_CACHE_SIZE:
+                    self._breaker_cache.clear()
+                tokenizer = self._require_tokenizer()
+                if self._vocab_texts is None:
+                    self._vocab_texts = _vocab_texts(tokenizer, self._valid_vocab)
+                encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+                self._breaker_cache[key] = dry_breaker_sequences(key, encode, self._vocab_texts)
+            return self._breaker_cache[key]
 
     # --- lifecycle ---------------------------------------------------------------------
     def unload(self) -> None:
-        """Drop the model and tokenizer and give their memory back now (GPU included)."""
+        """Stop the batch scheduler (open generations get ModelNotLoadedError), then drop the
+        model and tokenizer and give their memory back now (GPU included)."""
+        scheduler, self._scheduler = self._scheduler, None
+        if scheduler is not None:
+            scheduler.close()
         on_cuda = self._model is not None and self._device.type == "cuda"
         self._model = None
         self._tokenizer = None
@@ -285,12 +420,6 @@ class TransformersLoader(LoaderBase):
         if self._tokenizer is None:
             raise ModelNotLoadedError(f"{self.info.name} has been unloaded")
         return self._tokenizer
-
-
-def _token_logprobs(logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprobs:
-    """`token`'s log-probability in the raw distribution and the `top_n` most likely tokens."""
-    values, ids = logprobs.topk(min(top_n, logprobs.numel()))
-    return TokenLogprobs(float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True)))
 
 
 def _vocab_texts(tokenizer: Any, size: int) -> list[str]:
