@@ -53,8 +53,8 @@ class Settings:
     tensor_split: str = _opt("", "llama.cpp", "How to split the model across GPUs, e.g. 3,1.")
     no_mmap: bool = _opt(False, "llama.cpp", "Read the whole file into memory instead of mapping it.")
     mlock: bool = _opt(False, "llama.cpp", "Lock the model in RAM so the OS never swaps it out.")
-    parallel: int = _opt(1, "llama.cpp", "Requests served at once (slots sharing the model, batched into one decode step); "
-                         "each slot has its own ctx-size context, so the KV cache grows N times.")
+    parallel: int = _opt(1, "llama.cpp", "Requests served at once (llama.cpp and Transformers: they share the model, "
+                         "batched into one decode step); each has its own context, so the KV cache grows N times.")
     # Transformers
     dtype: str = _opt("auto", "Transformers", "Weight dtype; auto is bfloat16 on a GPU and float32 on a CPU.",
                       choices=("auto", "float32", "float16", "bfloat16"))
