@@ -64,6 +64,24 @@ class Settings:
     trust_remote_code: bool = _opt(False, "Transformers", "Run Python code shipped with the model. Only for models you trust.")
     allow_pickle: bool = _opt(False, "Transformers", "Allow loading pickled .bin weights (with weights_only=True) "
                               "when a model has no safetensors.")
+    # ExLlamaV2
+    gpu_split: str = _opt("", "ExLlamaV2", "VRAM in GB per GPU for the weights, comma-separated, e.g. 20,7.5; "
+                          "empty puts the model on the first GPU.")
+    autosplit: bool = _opt(False, "ExLlamaV2", "Fill the GPUs in turn with the weights and the cache; "
+                           "excludes gpu_split.")
+    max_seq_len: int = _opt(0, "ExLlamaV2", "Context length in tokens; 0 uses the model's own, capped at 8192.")
+    exl2_cache: str = _opt("fp16", "ExLlamaV2", "KV cache type: fp16, fp8, q8, q6 or q4 (q4 takes a quarter of "
+                           "fp16's memory).", choices=("fp16", "fp8", "q8", "q6", "q4"))
+    alpha_value: float = _opt(1.0, "ExLlamaV2", "NTK RoPE alpha: stretches the context without fine-tuning "
+                              "(about 2.5 for twice the context); 1 is off.")
+    compress_pos_emb: float = _opt(0.0, "ExLlamaV2", "Linear RoPE scaling factor (context / trained context, for "
+                                   "models tuned for it); 0 keeps the model's.")
+    no_flash_attn: bool = _opt(False, "ExLlamaV2", "Do not use flash-attention even when it is installed.")
+    no_xformers: bool = _opt(False, "ExLlamaV2", "Do not use xformers even when it is installed.")
+    no_sdpa: bool = _opt(False, "ExLlamaV2", "Do not use PyTorch's scaled-dot-product attention.")
+    num_experts_per_token: int = _opt(0, "ExLlamaV2", "Experts per token for mixture-of-experts models; "
+                                      "0 uses the model's own.")
+    enable_tp: bool = _opt(False, "ExLlamaV2", "Tensor parallelism: split every layer across all GPUs.")
     # Server
     listen: bool = _opt(False, "Server", "Make the UI reachable from your local network (binds 0.0.0.0).")
     listen_host: str | None = _opt(None, "Server", "Host name or address to bind; overrides --listen.")
