@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("No models in %s yet: put a .gguf file (or a model folder) there, then press Refresh "
                  "in the Model tab.", app.models.models_dir)
 
+    from modules.gradio_import import skip_pyi_regeneration
+
+    skip_pyi_regeneration()  # before gradio's first import: saves seconds of start-up (see the module)
     from modules.ui import create_ui, launch_options
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
