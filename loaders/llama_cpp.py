@@ -1,9 +1,11 @@
 """The llama.cpp loader: GGUF models through llama-cpp-python.
 
-Loading goes through `llama_cpp.Llama` (it owns the model, context and batch); generation
-bypasses `Llama.generate` and drives the low-level API directly: a per-request sampler
-chain built in C (`loaders/llama_cpp_sampler.py`), the prompt evaluated after the longest
-prefix still in the KV cache, then one `llama_decode` + `llama_sampler_sample` per token.
+Loading goes through `llama_cpp.Llama` (it owns the model and the tokenizer); generation
+bypasses `Llama.generate` and drives the low-level API directly: a context with one
+sequence per slot (`--parallel N`), a per-request sampler chain built in C
+(`loaders/llama_cpp_sampler.py`), and one decode loop that batches every running request
+into each `llama_decode` (`loaders/llama_cpp_slots.py`), reusing and shifting each slot's
+KV cache for the next request (`loaders/kv_reuse.py`).
 
 `llama_cpp` is imported inside `load()` only: the app starts without it, and a missing
 backend is a BackendMissingError naming the install command.
@@ -27,9 +29,9 @@ from typing import Any
 from loaders import gguf_main_file, register_loader
 from loaders.base import Capabilities, LoaderBase, ModelInfo, TokenLogprobs
 from loaders.llama_cpp_sampler import ChainContext, build_sampler_chain
+from loaders.llama_cpp_slots import SlotEngine, context_params_for_slots
 from modules.errors import (
     BackendMissingError,
-    ContextLengthExceededError,
     GenerationError,
     InvalidRequestError,
     ModelLoadError,
@@ -39,8 +41,13 @@ from modules.sampling import SAMPLER_NAMES, SamplingParams
 
 #: ctx_size 0 takes the trained context, capped: a 128k-token KV cache would not fit.
 MAX_AUTO_CONTEXT = 8192
+#: The context Llama itself is built with; generation never uses it.
+SMALL_CONTEXT = 256
 #: Used when the GGUF file does not say how long its context is.
 FALLBACK_CONTEXT = 2048
+#: Slots one context may hold (llama.cpp's LLAMA_MAX_SEQ is 256; past this the KV cache
+#: of even a small model runs to many GB).
+MAX_PARALLEL = 64
 #: GGML type ids of the KV cache types a user can choose.
 CACHE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
 #: llama.cpp's `general.file_type` values (enum llama_ftype) for the common quants.
@@ -81,15 +88,20 @@ class LlamaCppOptions:
     """Read the whole file into memory instead of memory-mapping it."""
     mlock: bool = False
     """Lock the model in RAM so the OS cannot swap it out."""
+    parallel: int = 1
+    """Requests served at once; each slot has its own `ctx_size` context in the KV cache."""
+    no_context_shift: bool = False
+    """Re-evaluate the turns kept after a chat is cut to fit, instead of shifting their KV
+    cache: exact, where a shift keeps what they meant beside the dropped turns."""
 
 
 @register_loader
 class LlamaCppLoader(LoaderBase):
     """A GGUF model loaded with llama.cpp; one instance per loaded model.
 
-    Not for concurrent generations: starting a new `generate()` ends any earlier one that
-    is still suspended (it returns at its next step), so the KV cache has one owner.
-    `encode`/`decode` may be called from other threads at any time.
+    Serves `parallel` generations at once: `generate()` may be called from that many
+    threads, each consuming its own iterator (more wait for a free slot). `encode` and
+    `decode` may be called from any thread at any time.
     """
 
     name = "llama.cpp"
@@ -99,24 +111,36 @@ class LlamaCppLoader(LoaderBase):
     capabilities = Capabilities(samplers=frozenset(SAMPLER_NAMES), grammar=True, devices=("cpu", "cuda", "metal"),
                                 logprobs=True)
 
-    def __init__(self, lib: Any, llm: Any, info: ModelInfo, eog_ids: tuple[int, ...]) -> None:
+    def __init__(self, lib: Any, llm: Any, info: ModelInfo, eog_ids: tuple[int, ...], engine: SlotEngine) -> None:
         self.info = info
         self._lib = lib
         self._llm: Any = llm
         self._vocab = lib.llama_model_get_vocab(llm.model)
         self._chain_context = ChainContext(self._vocab, info.vocab_size, info.context_length, eog_ids)
-        # Guards the native context: generation steps and unload() never overlap.
-        self._lock = threading.Lock()
-        # Guards the vocabulary: tokenizer calls (allowed during a generation) and unload().
+        self._engine: SlotEngine | None = engine
+        self.parallel = engine.n_slots
+        # Guards the vocabulary and the engine's lifetime: tokenizer calls (allowed during
+        # a generation), new generations and unload() never overlap.
         self._vocab_lock = threading.Lock()
-        self._epoch = 0
-        # A one-token batch reused for every generated token (positions come from the cache).
-        self._token_buf = (lib.llama_token * 1)()
-        self._one_batch = lib.llama_batch_get_one(self._token_buf, 1)
-        self.last_reused_tokens = 0
-        """Prompt tokens the last generate() found already in the KV cache."""
-        self.last_logprobs: TokenLogprobs | None = None
-        """The last yielded token's log-probabilities, when the request asked for them."""
+        self._local = threading.local()
+
+    @property
+    def last_logprobs(self) -> TokenLogprobs | None:
+        """This thread's last yielded token's log-probabilities, when its request asked for them."""
+        return getattr(self._local, "logprobs", None)
+
+    def _set_logprobs(self, numbers: TokenLogprobs | None) -> None:
+        self._local.logprobs = numbers
+
+    @property
+    def last_reused_tokens(self) -> int:
+        """Prompt tokens the last admitted request found already in its slot's KV cache."""
+        return self._engine.last.reused_tokens if self._engine else 0
+
+    @property
+    def last_shifted_tokens(self) -> int:
+        """Of those, the tokens that were moved down by a context shift."""
+        return self._engine.last.shifted_tokens if self._engine else 0
 
     # --- loading -------------------------------------------------------------------------
     @classmethod
@@ -130,18 +154,28 @@ class LlamaCppLoader(LoaderBase):
         gguf_path = gguf_main_file(path)
         header = read_gguf_metadata(gguf_path)
         kwargs = llama_kwargs(gguf_path, options, header)
+        n_ctx, n_batch = kwargs["n_ctx"], kwargs["n_batch"]
         with _captured_llama_log(lib) as log:
             try:
-                llm = lib.Llama(**kwargs)
+                # Llama's own context only validates the settings: the slots get their own below.
+                llm = lib.Llama(**{**kwargs, "n_ctx": min(n_ctx, SMALL_CONTEXT), "n_batch": min(n_batch, SMALL_CONTEXT)})
             except Exception as exc:  # llama.cpp reports every failure as some exception
+                raise ModelLoadError(_load_failure_message(gguf_path, exc, log)) from exc
+            try:
+                n_ctx_slot = _use_slot_context(lib, llm, options.parallel, n_ctx, n_batch)
+            except Exception as exc:
+                llm.close()
                 raise ModelLoadError(_load_failure_message(gguf_path, exc, log)) from exc
         try:
             eog_ids = _eog_tokens(lib, llm)
-            info = _model_info(lib, llm, path, gguf_path, header, kwargs, eog_ids)
+            info = _model_info(lib, llm, path, gguf_path, header, kwargs, eog_ids, min(n_ctx, n_ctx_slot))
+            engine = SlotEngine(lib, llm.ctx, n_slots=options.parallel, n_ctx_slot=info.context_length,
+                                n_batch=n_batch, n_vocab=info.vocab_size, eog_ids=eog_ids,
+                                context_shift=not options.no_context_shift)
         except Exception as exc:
             llm.close()
             raise ModelLoadError(f"{gguf_path.name} loaded but cannot be inspected: {exc}") from exc
-        return cls(lib, llm, info, eog_ids)
+        return cls(lib, llm, info, eog_ids, engine)
 
     # --- tokenizer -------------------------------------------------------------------------
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
@@ -187,52 +221,19 @@ class LlamaCppLoader(LoaderBase):
     def generate(self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event) -> Iterator[int]:
         """Yield sampled token ids after evaluating `prompt_ids` (see LoadedModel.generate).
 
-        The prompt reuses the longest prefix already in the KV cache, so the next chat turn
-        evaluates only its new tokens. Raises InvalidRequestError for a bad grammar,
-        ContextLengthExceededError for a prompt longer than the context, GenerationError
-        when llama.cpp fails to decode.
+        The request goes to the free slot whose KV cache keeps most of the prompt (the next
+        chat turn evaluates only its new tokens; a chat cut to fit is shifted, not rebuilt)
+        and is decoded in one batch with every other running request. Raises
+        InvalidRequestError for a bad grammar, ContextLengthExceededError for a prompt
+        longer than the context, GenerationError when llama.cpp fails to decode.
         """
-        lib = self._lib
-        chain = None
-        try:
-            with self._lock:
-                llm = self._require_loaded()
-                self._epoch += 1
-                epoch = self._epoch
-                chain = self._new_chain(params, prompt_ids)
-                if not self._eval_prompt(llm, prompt_ids, stop_event):
-                    return
-                ctx = llm.ctx
-                token = lib.llama_sampler_sample(chain, ctx, -1)
-                want = params.logprobs
-                if want:
-                    self.last_logprobs = _token_logprobs(lib, ctx, self.info.vocab_size, token, want)
-            # The hot path: everything it touches is bound to a local first.
-            n = llm.n_tokens
-            n_ctx = self.info.context_length
-            sample, decode = lib.llama_sampler_sample, lib.llama_decode
-            token_buf, batch, input_ids = self._token_buf, self._one_batch, llm.input_ids
-            lock, is_stopped = self._lock, stop_event.is_set
-            while True:
-                yield token
-                if is_stopped() or n >= n_ctx:
-                    return
-                with lock:
-                    if self._epoch != epoch:  # superseded by a newer generate() or unloaded
-                        return
-                    token_buf[0] = token
-                    code = decode(ctx, batch)
-                    if code != 0:
-                        raise GenerationError(f"llama.cpp failed to decode a token (llama_decode returned {code})")
-                    input_ids[n] = token
-                    n += 1
-                    llm.n_tokens = n
-                    token = sample(chain, ctx, -1)
-                    if want:
-                        self.last_logprobs = _token_logprobs(lib, ctx, self.info.vocab_size, token, want)
-        finally:
-            if chain is not None:
-                lib.llama_sampler_free(chain)
+        with self._vocab_lock:
+            engine = self._engine
+            if engine is None:
+                raise ModelNotLoadedError(f"{self.info.name} has been unloaded")
+            chain = self._new_chain(params, prompt_ids)
+        yield from engine.generate(prompt_ids, chain, stop_event, params.max_new_tokens, params.logprobs,
+                                   self._set_logprobs)
 
     def _new_chain(self, params: SamplingParams, prompt_ids: Sequence[int]) -> Any:
         try:
@@ -245,45 +246,16 @@ class LlamaCppLoader(LoaderBase):
                 raise
             raise InvalidRequestError(f"{exc}: {detail}", exc.param) from None
 
-    def _eval_prompt(self, llm: Any, prompt: list[int], stop_event: threading.Event) -> bool:
-        """Bring the KV cache to `prompt`; False when stopped before it was done."""
-        n_ctx = self.info.context_length
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty: generation needs at least one token", "prompt")
-        if len(prompt) > n_ctx:
-            raise ContextLengthExceededError(
-                f"the prompt has {len(prompt)} tokens but the context holds {n_ctx}", "prompt"
-            )
-        if min(prompt) < 0 or max(prompt) >= self.info.vocab_size:
-            raise InvalidRequestError("the prompt holds token ids outside the vocabulary", "prompt")
-        reuse = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prompt)
-        # Evaluate at least the last prompt token: its logits are what the first sample reads.
-        reuse = min(reuse, len(prompt) - 1)
-        memory = self._lib.llama_get_memory(llm.ctx)
-        if reuse > 0 and self._lib.llama_memory_seq_rm(memory, -1, reuse, -1):
-            llm.n_tokens = reuse
-        else:  # nothing shared, or a recurrent model that cannot drop a suffix
-            reuse = 0
-            llm.reset()
-        self.last_reused_tokens = reuse
-        step = max(1, llm.n_batch)
-        for start in range(reuse, len(prompt), step):
-            if stop_event.is_set():
-                return False
-            try:
-                llm.eval(prompt[start : start + step])
-            except RuntimeError as exc:
-                raise GenerationError(f"llama.cpp failed to evaluate the prompt: {exc}") from exc
-        return not stop_event.is_set()
-
     # --- lifecycle -------------------------------------------------------------------------
     def unload(self) -> None:
         """Free the model and its context now; later calls raise ModelNotLoadedError."""
-        with self._lock, self._vocab_lock:
-            self._epoch += 1  # a suspended generator returns instead of touching freed memory
+        with self._vocab_lock:
+            engine, self._engine = self._engine, None
             llm, self._llm = self._llm, None
-            if llm is not None:
-                llm.close()
+        if engine is not None:
+            engine.close()  # a suspended generator returns instead of touching freed memory
+        if llm is not None:
+            llm.close()
 
     def _require_loaded(self) -> Any:
         llm = self._llm
@@ -292,20 +264,16 @@ class LlamaCppLoader(LoaderBase):
         return llm
 
 
-def _token_logprobs(lib: Any, ctx: Any, n_vocab: int, token: int, top_n: int) -> TokenLogprobs:
-    """The raw next-token distribution's log-probability of `token` and its top `top_n`.
+def _use_slot_context(lib: Any, llm: Any, n_slots: int, n_ctx: int, n_batch: int) -> int:
+    """Give `llm` a context with `n_slots` sequences of `n_ctx` tokens each; the tokens one
+    sequence really holds (llama.cpp pads it to a multiple of 256)."""
+    from llama_cpp._internals import LlamaContext
 
-    Reads the context's last logits row (the sampler chain works on a copy, so these are
-    the model's own numbers, before temperature or truncation).
-    """
-    import numpy as np
-
-    logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).astype(np.float64)
-    peak = logits.max()
-    logprobs = logits - peak - np.log(np.exp(logits - peak).sum())
-    top = np.argpartition(-logprobs, top_n - 1)[:top_n] if top_n < n_vocab else np.arange(n_vocab)
-    top = top[np.argsort(-logprobs[top])]
-    return TokenLogprobs(float(logprobs[token]), tuple((int(t), float(logprobs[t])) for t in top))
+    params = context_params_for_slots(lib, llm.context_params, n_slots=n_slots, n_ctx_slot=n_ctx, n_batch=n_batch)
+    ctx = LlamaContext(model=llm._model, params=params, verbose=False)
+    llm._ctx.close()
+    llm._ctx, llm.context_params = ctx, params
+    return int(lib.llama_n_ctx_seq(ctx.ctx))
 
 
 # --- load helpers ----------------------------------------------------------------------------
@@ -331,6 +299,8 @@ def llama_kwargs(gguf_path: Path, options: LlamaCppOptions, header: dict[str, An
             raise ModelLoadError(f"{name} must be 0 (automatic) or more, got {getattr(options, name)}")
     if options.batch_size < 1:
         raise ModelLoadError(f"batch_size must be at least 1, got {options.batch_size}")
+    if not 1 <= options.parallel <= MAX_PARALLEL:
+        raise ModelLoadError(f"parallel must be between 1 and {MAX_PARALLEL}, got {options.parallel}")
     threads = options.threads or physical_cores()
     cache = CACHE_TYPES[options.cache_type]
     kwargs: dict[str, Any] = dict(
@@ -410,7 +380,7 @@ def _eog_tokens(lib: Any, llm: Any) -> tuple[int, ...]:
 
 def _model_info(
     lib: Any, llm: Any, path: Path, gguf_path: Path, header: dict[str, Any],
-    kwargs: dict[str, Any], eog_ids: tuple[int, ...],
+    kwargs: dict[str, Any], eog_ids: tuple[int, ...], context_length: int,
 ) -> ModelInfo:
     vocab = lib.llama_model_get_vocab(llm.model)
 
@@ -432,8 +402,7 @@ def _model_info(
         name=path.name,
         path=path,
         loader=LlamaCppLoader.name,
-        # llama.cpp pads its context (to 256s) but Llama's token buffer holds what was asked.
-        context_length=min(llm.n_ctx(), len(llm.input_ids)),
+        context_length=context_length,
         vocab_size=llm.n_vocab(),
         bos_token_id=bos if bos >= 0 else None,
         eos_token_ids=eog_ids,
@@ -450,20 +419,12 @@ def _model_info(
             "gguf_file": gguf_path.name,
             "trained_context": trained_context(header),
             **{k: kwargs[k] for k in ("n_gpu_layers", "n_threads", "n_threads_batch", "n_batch", "flash_attn")},
+            "parallel": llm.context_params.n_seq_max,
             "cache_type": next(name for name, t in CACHE_TYPES.items() if t == kwargs["type_k"]),
             "mmap": kwargs["use_mmap"],
             "mlock": kwargs["use_mlock"],
         },
     )
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # --- llama.cpp's log -------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The generator: prompt + sampler parameters in, a stream of text deltas out.
 
 Every request goes through one queue owned by the generator and is served by its worker
-thread, so callers (UI, API) only ever see `submit()` and a `Stream`; how many requests
-run at once is the generator's business. The non-streaming call drains the same stream.
+threads, so callers (UI, API) only ever see `submit()` and a `Stream`. As many requests
+run at once as the loaded model has slots (`parallel`, see loaders/base.py); the loader
+batches them into shared decode steps, the rest wait their turn in arrival order. The
+non-streaming call drains the same stream.
 
 The token loop lives in `_run`: it truncates the prompt to fit, asks the loader for
 token ids, turns them into text with IncrementalDetokenizer (never half a character),
@@ -28,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from loaders.base import LoadedModel
+from loaders.base import LoadedModel, concurrency_of
 from modules.errors import ContextLengthExceededError, InvalidRequestError
 from modules.extensions import ExtensionRegistry, make_state
 from modules.model_manager import ModelManager
@@ -140,10 +142,13 @@ class Generator:
         self.models = models
         self.extensions = extensions
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self._start_lock = threading.Lock()
         self._pending: set[_Job] = set()
         self._pending_lock = threading.Lock()
+        # Admission: at most as many jobs run as the loaded model has slots.
+        self._admission = threading.Condition()
+        self._running = 0
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *,
                state: dict[str, Any] | None = None, is_chat: bool = False, raw: bool = False) -> Stream:
@@ -180,21 +185,35 @@ class Generator:
         return self.submit(prompt, params, raw=raw).result()
 
     def close(self) -> None:
-        if self._worker is not None:
+        with self._start_lock:
+            workers, self._workers = self._workers, []
+        for _ in workers:
             self._queue.put(None)
-            self._worker.join(timeout=5)
-            self._worker = None
+        for worker in workers:
+            worker.join(timeout=5)
+
+    @property
+    def running(self) -> int:
+        """Generations running now (the rest of the pending ones wait for a slot)."""
+        return self._running
+
+    def _slots(self) -> int:
+        return concurrency_of(self.models.current)
 
     def _ensure_worker(self) -> None:
         with self._start_lock:
-            if self._worker is None or not self._worker.is_alive():
-                self._worker = threading.Thread(target=self._serve, name="generator", daemon=True)
-                self._worker.start()
+            self._workers = [w for w in self._workers if w.is_alive()]
+            while len(self._workers) < self._slots():
+                worker = threading.Thread(target=self._serve, name=f"generator-{len(self._workers)}", daemon=True)
+                worker.start()
+                self._workers.append(worker)
 
     def _serve(self) -> None:
         while (job := self._queue.get()) is not None:
+            admitted = False
             try:
-                if job.cancel.is_set():
+                admitted = self._admit(job)
+                if not admitted:
                     job.out.put(GenerationChunk("", "", 0, 0, FINISH_CANCELLED))
                     continue
                 with self.models.using() as model:
@@ -206,9 +225,24 @@ class Generator:
                     log.exception("generation failed")
                 job.out.put(exc)
             finally:
+                if admitted:
+                    with self._admission:
+                        self._running -= 1
+                        self._admission.notify_all()
                 with self._pending_lock:
                     self._pending.discard(job)
                 job.out.put(_END)
+
+    def _admit(self, job: _Job) -> bool:
+        """Wait for a free slot (the model may have been reloaded with fewer); False if the
+        job was cancelled while it waited."""
+        with self._admission:
+            while self._running >= self._slots() and not job.cancel.is_set():
+                self._admission.wait(0.25)
+            if job.cancel.is_set():
+                return False
+            self._running += 1
+            return True
 
     def _run(self, model: LoadedModel, job: _Job) -> Iterator[GenerationChunk]:
         params = job.params

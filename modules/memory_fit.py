@@ -72,13 +72,17 @@ class MemoryEstimate:
     n_ctx: int
     layers: int | None = None
     kv_known: bool = True
+    slots: int = 1
+    """Requests served at once (`--parallel`): each has its own n_ctx of KV cache."""
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.overhead
 
     def describe(self) -> str:
-        kv = f"KV cache {human_bytes(self.kv_cache)} at {self.n_ctx} tokens" if self.kv_known else "KV cache unknown"
+        per = f" for {self.slots} slots" if self.slots > 1 else ""
+        kv = f"KV cache {human_bytes(self.kv_cache)} at {self.n_ctx} tokens{per}" if self.kv_known \
+            else "KV cache unknown"
         return (f"~{human_bytes(self.total)} (weights {human_bytes(self.weights)}, {kv}, "
                 f"overhead {human_bytes(self.overhead)})")
 
@@ -131,21 +135,23 @@ def shape_from_gguf(header: dict[str, Any]) -> ModelShape:
                       context_train=get("context_length"))
 
 
-def estimate_gguf(file_size: int, shape: ModelShape, n_ctx: int, cache_type: str = "f16") -> MemoryEstimate:
-    """Memory to run a GGUF of `file_size` bytes with llama.cpp at `n_ctx` tokens of context."""
+def estimate_gguf(file_size: int, shape: ModelShape, n_ctx: int, cache_type: str = "f16",
+                  slots: int = 1) -> MemoryEstimate:
+    """Memory to run a GGUF of `file_size` bytes with llama.cpp at `n_ctx` tokens of context
+    for each of `slots` parallel requests."""
     vocab = shape.vocab or 32000  # unknown vocabulary: assume a Llama-2-sized one
     overhead = LLAMA_CPP_BASE_BYTES + LLAMA_CPP_UBATCH * vocab * 4
-    return MemoryEstimate(weights=file_size, kv_cache=kv_cache_bytes(shape, n_ctx, cache_type), overhead=overhead,
-                          n_ctx=n_ctx, layers=shape.layers, kv_known=shape.known)
+    return MemoryEstimate(weights=file_size, kv_cache=slots * kv_cache_bytes(shape, n_ctx, cache_type),
+                          overhead=overhead, n_ctx=n_ctx, layers=shape.layers, kv_known=shape.known, slots=slots)
 
 
-def estimate_gguf_file(path: Path, n_ctx: int = 0, cache_type: str = "f16") -> MemoryEstimate:
+def estimate_gguf_file(path: Path, n_ctx: int = 0, cache_type: str = "f16", slots: int = 1) -> MemoryEstimate:
     """`estimate_gguf` for a local file (all shards of a split GGUF counted); n_ctx 0 = trained, capped at 8192."""
     with path.open("rb") as f:
         header = parse_gguf_prefix(f.read(16 * MIB))
     shape = shape_from_gguf(header)
     size = sum(p.stat().st_size for p in gguf_shards(path))
-    return estimate_gguf(size, shape, n_ctx or min(shape.context_train or 4096, 8192), cache_type)
+    return estimate_gguf(size, shape, n_ctx or min(shape.context_train or 4096, 8192), cache_type, slots)
 
 
 def gguf_shards(path: Path) -> list[Path]:
@@ -253,7 +259,7 @@ def bytes_per_parameter(config: dict[str, Any], dtype: str = "auto") -> float:
     return DTYPE_BYTES.get(dtype, 4.0)
 
 
-def estimate_hf_folder(folder: Path, n_ctx: int = 0, dtype: str = "auto") -> MemoryEstimate:
+def estimate_hf_folder(folder: Path, n_ctx: int = 0, dtype: str = "auto", slots: int = 1) -> MemoryEstimate:
     """Memory to load an HF folder with Transformers; weights from the safetensors sizes when present."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     shape = shape_from_config(config)
@@ -267,21 +273,25 @@ def estimate_hf_folder(folder: Path, n_ctx: int = 0, dtype: str = "auto") -> Mem
         weights = stored or int(config_parameter_count(config) * per)
     ctx = n_ctx or min(shape.context_train or 4096, 8192)
     kv_type = "f32" if per >= 4 else "f16"
-    return MemoryEstimate(weights=weights, kv_cache=kv_cache_bytes(shape, ctx, kv_type),
-                          overhead=TRANSFORMERS_BASE_BYTES, n_ctx=ctx, layers=shape.layers, kv_known=shape.known)
+    return MemoryEstimate(weights=weights, kv_cache=slots * kv_cache_bytes(shape, ctx, kv_type),
+                          overhead=TRANSFORMERS_BASE_BYTES, n_ctx=ctx, layers=shape.layers, kv_known=shape.known,
+                          slots=slots)
 
 
-def estimate_model(path: Path, n_ctx: int = 0, cache_type: str = "f16", dtype: str = "auto") -> MemoryEstimate | None:
-    """The estimate for a model in the models folder (a .gguf or an HF folder); None if unknown."""
+def estimate_model(path: Path, n_ctx: int = 0, cache_type: str = "f16", dtype: str = "auto",
+                   slots: int = 1) -> MemoryEstimate | None:
+    """The estimate for a model in the models folder (a .gguf or an HF folder) serving
+    `slots` requests at once; None if unknown."""
+    slots = max(1, slots)
     try:
         if path.is_file() and path.suffix == ".gguf":
-            return estimate_gguf_file(path, n_ctx, cache_type)
+            return estimate_gguf_file(path, n_ctx, cache_type, slots)
         if path.is_dir():
             ggufs = sorted(path.glob("*.gguf"))
             if ggufs:
-                return estimate_gguf_file(ggufs[0], n_ctx, cache_type)
+                return estimate_gguf_file(ggufs[0], n_ctx, cache_type, slots)
             if (path / "config.json").is_file():
-                return estimate_hf_folder(path, n_ctx, dtype)
+                return estimate_hf_folder(path, n_ctx, dtype, slots)
     except (OSError, ValueError, json.JSONDecodeError):
         return None
     return None

@@ -1,7 +1,8 @@
 """The model manager: what is in the models folder, which loader fits, load and unload.
 
-It owns the one loaded model. Loading takes the same lock a generation holds, so a load
-waits for the running generation to finish and never pulls the weights from under it.
+It owns the one loaded model. Generations share it (several at once when the model has
+slots); a load or unload waits until none is running and lets no new one start meanwhile,
+so it never pulls the weights from under a generation.
 A failed load leaves no model loaded and the app serving, with the reason reported.
 """
 
@@ -74,6 +75,10 @@ class ModelManager:
         self.settings = settings
         self.models_dir = models_dir
         self._lock = threading.RLock()
+        # Generations hold the model shared (`using`); load and unload hold it alone.
+        self._idle = threading.Condition(self._lock)
+        self._users = 0
+        self._exclusive_waiting = 0
         self._model: LoadedModel | None = None
         self._name: str | None = None
         self.report: LoadReport | None = None
@@ -181,7 +186,7 @@ class ModelManager:
             raise BackendMissingError(missing)
         known = {f.name for f in dataclasses.fields(cls.options_class)}
         options = self._options_for(cls, {**{k: v for k, v in saved.items() if k in known}, **(overrides or {})})
-        with self._lock:
+        with self._exclusive():
             self.unload()
             ram0, gpu0 = _ram_bytes(), _gpu_bytes()
             start = time.perf_counter()
@@ -210,10 +215,25 @@ class ModelManager:
         return cls.options_class(**values)
 
     def unload(self) -> None:
-        with self._lock:
+        with self._exclusive():
             model, self._model, self._name, self.report = self._model, None, None, None
             if model is not None:
                 model.unload()
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the model alone: wait for running generations, keep new ones out."""
+        with self._lock:
+            self._exclusive_waiting += 1
+            try:
+                while self._users:
+                    self._idle.wait()
+            finally:
+                self._exclusive_waiting -= 1
+            try:
+                yield
+            finally:
+                self._idle.notify_all()
 
     # --- the loaded model --------------------------------------------------------------
     @property
@@ -232,9 +252,19 @@ class ModelManager:
 
     @contextmanager
     def using(self) -> Iterator[LoadedModel]:
-        """Hold the loaded model for a generation; loads and unloads wait meanwhile."""
+        """Hold the loaded model for a generation (shared with other generations); loads
+        and unloads wait meanwhile."""
         with self._lock:
-            yield self.require()
+            while self._exclusive_waiting:
+                self._idle.wait()
+            model = self.require()
+            self._users += 1
+        try:
+            yield model
+        finally:
+            with self._lock:
+                self._users -= 1
+                self._idle.notify_all()
 
 
 def _is_later_shard(name: str) -> bool:

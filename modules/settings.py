@@ -53,6 +53,8 @@ class Settings:
     tensor_split: str = _opt("", "llama.cpp", "How to split the model across GPUs, e.g. 3,1.")
     no_mmap: bool = _opt(False, "llama.cpp", "Read the whole file into memory instead of mapping it.")
     mlock: bool = _opt(False, "llama.cpp", "Lock the model in RAM so the OS never swaps it out.")
+    no_context_shift: bool = _opt(False, "llama.cpp", "When a chat outgrows the context, process the kept turns again "
+                                  "instead of shifting them in the KV cache (slower, exactly a fresh read).")
     parallel: int = _opt(1, "llama.cpp", "Requests served at once (llama.cpp and Transformers: they share the model, "
                          "batched into one decode step); each has its own context, so the KV cache grows N times.")
     # Transformers
@@ -82,6 +84,11 @@ class Settings:
     num_experts_per_token: int = _opt(0, "ExLlamaV2", "Experts per token for mixture-of-experts models; "
                                       "0 uses the model's own.")
     enable_tp: bool = _opt(False, "ExLlamaV2", "Tensor parallelism: split every layer across all GPUs.")
+    # GPTQ
+    gptq_backend: str = _opt("auto", "GPTQ", "GPTQModel kernel for GPTQ models: auto picks one that runs here (torch on a "
+                             "CPU; Marlin, ExLlamaV2 or Triton on an NVIDIA GPU).",
+                             choices=("auto", "torch", "torch_int8", "triton", "exllama_v2", "marlin"))
+    gptq_max_seq_len: int = _opt(0, "GPTQ", "Context length of a GPTQ model in tokens; 0 uses the model's own.")
     # Server
     listen: bool = _opt(False, "Server", "Make the UI reachable from your local network (binds 0.0.0.0).")
     listen_host: str | None = _opt(None, "Server", "Host name or address to bind; overrides --listen.")

@@ -194,3 +194,40 @@ def test_cancel_all_stops_running_and_queued_generations(app, fake):
     assert running.result().finish_reason == "cancelled"
     assert queued.result().finish_reason == "cancelled"
     assert app.generator.cancel_all() == 0
+
+
+# --- several at once -------------------------------------------------------------------
+def test_requests_run_side_by_side_up_to_the_models_slots(app, fake):
+    fake.parallel = 3
+    fake.script = script_text("abcdefgh")
+    fake.step_delay = 0.02
+    running, peak, lock = [0], [0], threading.Lock()
+    original = fake.generate
+
+    def counting(prompt_ids, params, stop_event):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            yield from original(prompt_ids, params, stop_event)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    fake.generate = counting
+    streams = [app.generator.submit(f"p{i}", GREEDY) for i in range(7)]
+    assert [s.result().text for s in streams] == ["abcdefgh"] * 7
+    assert peak[0] == 3  # never more than the slots, and all of them used
+
+
+def test_a_load_waits_for_every_running_request(app, fake):
+    fake.parallel = 2
+    fake.script = script_text("x" * 30)
+    fake.step_delay = 0.01
+    readers = [iter(app.generator.submit("hi", GREEDY)) for _ in range(2)]
+    assert all(next(r).delta == "x" for r in readers)  # both are running
+    app.models.unload()  # waits for both to end: none is cut off by the unload
+    assert fake.unloaded
+    for reader in readers:
+        last = list(reader)[-1]
+        assert last.text == "x" * 30 and last.finish_reason == "length"

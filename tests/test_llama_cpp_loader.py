@@ -147,17 +147,23 @@ def test_decode_marks_incomplete_utf8(q8: LlamaCppLoader) -> None:
 
 
 # --- generation --------------------------------------------------------------------------
-def test_greedy_is_deterministic_and_matches_raw_llama(f32: LlamaCppLoader) -> None:
+def test_greedy_is_deterministic_and_matches_raw_llama(f32: LlamaCppLoader, tiny_kit: TinyKit) -> None:
+    import llama_cpp
+
     ids = f32.encode(PROMPT)
     first = take(f32, ids, GREEDY, 24)
     assert take(f32, ids, GREEDY, 24) == first
-    raw = []
-    for token in f32._llm.generate(ids, temp=0.0, top_k=0, top_p=1.0, min_p=0.0):
-        raw.append(token)
-        if len(raw) == 24:
-            break
+    llm = llama_cpp.Llama(model_path=str(tiny_kit.gguf_f32), n_ctx=256, n_threads=1, n_threads_batch=1,
+                          type_k=0, type_v=0, verbose=False)
+    try:
+        raw = []
+        for token in llm.generate(ids, temp=0.0, top_k=0, top_p=1.0, min_p=0.0):
+            raw.append(token)
+            if len(raw) == 24:
+                break
+    finally:
+        llm.close()
     assert raw == first
-    assert take(f32, ids, GREEDY, 24) == first  # still right after Llama.generate used the cache
 
 
 def test_seed_decides_the_sample(q8: LlamaCppLoader) -> None:
@@ -240,20 +246,20 @@ def test_next_turn_reuses_the_cached_prefix(f32: LlamaCppLoader) -> None:
     reply = take(f32, first, GREEDY, 5)
     second = first + reply + f32.encode(" and then", add_bos=False)
     cached = take(f32, second, GREEDY, 8)
-    # The first prompt and the four replies that were evaluated stayed in the KV cache.
-    assert f32.last_reused_tokens == len(first) + 4
-    assert f32._llm.n_tokens == len(second) + 7
+    # The first prompt and the replies that were evaluated (at least the first four; the
+    # engine may have decoded one more while the reader took the fifth) stayed in the cache.
+    assert len(first) + 4 <= f32.last_reused_tokens <= len(first) + 5
     take(f32, f32.encode("Something else entirely"), GREEDY, 2)
     assert f32.last_reused_tokens == 1  # only the BOS is shared
     assert take(f32, second, GREEDY, 8) == cached
 
 
-def test_a_newer_generation_ends_the_older_one(q8: LlamaCppLoader) -> None:
+def test_an_abandoned_generation_gives_its_slot_to_a_newer_one(q8: LlamaCppLoader) -> None:
     ids = q8.encode(PROMPT)
-    old = q8.generate(ids, GREEDY, threading.Event())
-    next(old)
+    old = q8.generate(ids, GREEDY.replace(max_new_tokens=500), threading.Event())
+    next(old)  # then never read again, never closed: it holds the only slot
     assert len(take(q8, q8.encode("Other text"), GREEDY, 4)) == 4
-    assert list(old) == []
+    assert len(list(old)) < 500  # it was ended, after the tokens already sent
 
 
 def test_context_full_ends_generation(tiny_kit: TinyKit) -> None:

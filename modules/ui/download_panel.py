@@ -137,16 +137,25 @@ def choice_update(listing: downloader.RepoListing) -> dict[str, Any]:
     return {"choices": choices, "value": value}
 
 
-def memory_note(app: App, name: str | None) -> str:
-    """The line next to Load: the estimate for the selected model, a swap warning, a GPU-layer hint."""
+def memory_note(app: App, name: str | None, options: dict[str, Any] | None = None) -> str:
+    """The line next to Load: the estimate for the selected model, a swap warning, a GPU-layer hint.
+
+    `options` are the Model tab's current option values (context, cache type, dtype, slots);
+    settings fill in what they do not name.
+    """
     if not name:
         return ""
     try:
         path = app.models.path_of(name)
     except WorkbenchError:
         return ""
-    s = app.settings
-    estimate = memory_fit.estimate_model(path, n_ctx=s.ctx_size, cache_type=s.cache_type, dtype=s.dtype)
+    s = {k: getattr(app.settings, k) for k in ("ctx_size", "cache_type", "dtype", "parallel")}
+    s.update({k: v for k, v in (options or {}).items() if k in s and v is not None})
+    try:
+        estimate = memory_fit.estimate_model(path, n_ctx=int(s["ctx_size"]), cache_type=str(s["cache_type"]),
+                                             dtype=str(s["dtype"]), slots=int(s["parallel"]))
+    except (TypeError, ValueError):
+        return ""
     if estimate is None:
         return ""
     free = memory_fit.free_memory()

@@ -14,6 +14,7 @@ from modules.ui.components import setting_component
 
 log = logging.getLogger(__name__)
 AUTO = "auto"
+MEMORY_OPTIONS = frozenset({"ctx_size", "cache_type", "dtype", "parallel"})
 NO_MODELS = ("No models yet. Put a `.gguf` file (or a Hugging Face model folder) in `{dir}`, "
              "then press Refresh.")
 
@@ -91,7 +92,13 @@ def create_ui(app: App) -> None:
     for trigger in (model.change, loader.change):
         trigger(on_pick, [model, loader], [choice] + group_list + inputs)
     refresh.click(on_refresh, None, model)
-    model.change(lambda name: download_panel.memory_note(app, name), model, memory_line)
+    def on_memory(name: str | None, loader_name: str, *values: Any) -> str:
+        return download_panel.memory_note(app, name, chosen_options(name, loader_name, values) if name else None)
+
+    model.change(on_memory, [model, loader] + inputs, memory_line)
+    for option_name, component in zip(option_names, inputs, strict=True):
+        if option_name in MEMORY_OPTIONS:  # the estimate follows the context, cache and slots typed in
+            component.change(on_memory, [model, loader] + inputs, memory_line)
     downloaded.then(on_refresh, None, model)
     load.click(on_load, [model, loader] + inputs, status_line, api_name="load_model")
     unload.click(on_unload, None, status_line, api_name="unload_model")
