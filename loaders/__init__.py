@@ -73,12 +73,14 @@ def infer_loader(path: Path, installed: Callable[[str], bool] = lambda name: Fal
     pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin"]
 
     if "config.json" in names and (has_safetensors or pickles):
-        method = _quant_method(path / "config.json")
+        method, bits = _quant_method(path / "config.json")
         if method == "exl2":
             return LoaderChoice("exllamav2", "config.json says quant_method exl2 (an EXL2 quant)")
         if method == "gptq":
-            if installed("exllamav2"):
+            if bits in (None, 4) and installed("exllamav2"):
                 return LoaderChoice("exllamav2", "config.json says quant_method gptq and ExLlamaV2 is installed")
+            if bits not in (None, 4):  # ExLlamaV2's GPTQ kernels are 4-bit only
+                return LoaderChoice("gptq", f"config.json says quant_method gptq with {bits}-bit weights")
             return LoaderChoice("gptq", "config.json says quant_method gptq (a GPTQ quant)")
     if ggufs:
         return LoaderChoice("llama.cpp", f"the folder holds a GGUF file ({ggufs[0].name})")
@@ -111,7 +113,8 @@ def gguf_main_file(path: Path) -> Path:
     return ggufs[0]
 
 
-def _quant_method(config_path: Path) -> str | None:
+def _quant_method(config_path: Path) -> tuple[str | None, int | None]:
+    """`quantization_config`'s quant_method (lower case) and bits, when config.json has them."""
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -119,8 +122,10 @@ def _quant_method(config_path: Path) -> str | None:
     quant = config.get("quantization_config") if isinstance(config, dict) else None
     if isinstance(quant, dict):
         method = quant.get("quant_method")
-        return str(method).lower() if method else None
-    return None
+        bits = quant.get("bits")
+        return (str(method).lower() if method else None,
+                int(bits) if isinstance(bits, (int, float)) and not isinstance(bits, bool) else None)
+    return None, None
 
 
 # Registering the loaders: their modules import no backend library at import time.
