@@ -48,6 +48,12 @@ def test_gptq_config_prefers_exllamav2_only_when_installed(tmp_path):
     assert infer_loader(path, installed=lambda name: name == "exllamav2").loader == "exllamav2"
 
 
+def test_an_8bit_gptq_quant_goes_to_gptqmodel_even_with_exllamav2(tmp_path):
+    path = folder(tmp_path, "model.safetensors", config={"quantization_config": {"quant_method": "gptq", "bits": 8}})
+    choice = infer_loader(path, installed=lambda name: True)
+    assert choice.loader == "gptq" and "8-bit" in choice.reason
+
+
 def test_pickle_only_folder_needs_an_opt_in(tmp_path):
     choice = infer_loader(folder(tmp_path, "pytorch_model.bin", config={"model_type": "llama"}))
     assert choice.loader == "transformers"
