@@ -21,14 +21,14 @@ nvidia-smi -L >nul 2>nul && set KIND=cuda
 
 rem The stamp is the requirements files as installed; unchanged files skip the install.
 set STAMP=%ENV_DIR%\installed-%KIND%.txt
-copy /b requirements.txt + requirements-cuda.txt + scripts\install_llama_cpp.sh "%TEMP%\wb-req.txt" >nul
+copy /b requirements.txt + requirements-cuda.txt + requirements-gptq.txt + scripts\install_llama_cpp.sh "%TEMP%\wb-req.txt" >nul
 fc /b "%TEMP%\wb-req.txt" "%STAMP%" >nul 2>nul
 if errorlevel 1 (
   echo Installing requirements for a %KIND% machine ^(once; later starts skip this^)
   "%PY%" -m pip install --upgrade "pip>=23.2" || exit /b 1
   if "%KIND%"=="cuda" (
     rem PyPI's Windows torch is CPU-only; the CUDA build comes from PyTorch's own index.
-    "%PY%" -m pip install --extra-index-url https://download.pytorch.org/whl/cu130 -r requirements.txt -r requirements-cuda.txt || exit /b 1
+    "%PY%" -m pip install --extra-index-url https://download.pytorch.org/whl/cu130 -r requirements.txt -r requirements-cuda.txt -r requirements-gptq.txt || exit /b 1
     set CMAKE_ARGS=-DGGML_CUDA=ON
   ) else (
     "%PY%" -m pip install -r requirements.txt || exit /b 1

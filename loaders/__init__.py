@@ -130,5 +130,6 @@ def _quant_method(config_path: Path) -> tuple[str | None, int | None]:
 
 # Registering the loaders: their modules import no backend library at import time.
 from loaders import exllamav2 as _exllamav2  # noqa: E402,F401
+from loaders import gptq as _gptq  # noqa: E402,F401
 from loaders import llama_cpp as _llama_cpp  # noqa: E402,F401
 from loaders import transformers as _transformers  # noqa: E402,F401

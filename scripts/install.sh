@@ -50,6 +50,18 @@ if [ "$(cat "$ENV_DIR/.installed-app" 2>/dev/null)" != "$app_stamp" ]; then
   echo "$app_stamp" > "$ENV_DIR/.installed-app"
 fi
 
+# GPTQModel for the gptq loader (see requirements-gptq.txt for why it is optional on CPU):
+# on a GPU machine, with --dev (the tests quantise on CPU), or when INSTALL_GPTQ=1 asks.
+# Constrained by requirements.txt so it never moves the pinned torch/transformers/numpy.
+if [ "$kind" = cuda ] || [ "$DEV" = 1 ] || [ "${INSTALL_GPTQ:-0}" = 1 ]; then
+  gptq_stamp=$(stamp_of requirements.txt requirements-gptq.txt)
+  if [ "$(cat "$ENV_DIR/.installed-gptq" 2>/dev/null)" != "$gptq_stamp" ]; then
+    echo "Installing GPTQModel for GPTQ models (once)"
+    "$PY" -m pip install -r requirements-gptq.txt -c requirements.txt
+    echo "$gptq_stamp" > "$ENV_DIR/.installed-gptq"
+  fi
+fi
+
 if [ "$DEV" = 1 ]; then
   dev_stamp=$(stamp_of requirements-dev.txt requirements-dev-nodeps.txt)
   if [ "$(cat "$ENV_DIR/.installed-dev" 2>/dev/null)" != "$dev_stamp" ]; then
