@@ -1,24 +1,35 @@
-"""Decode speed of our generator against raw llama_cpp.Llama on the same GGUF file.
+"""Decode speed of our generator, in-process and through the API, against raw llama_cpp.Llama.
 
-    python bench/decode.py MODEL.gguf [--tokens 128] [--runs 3] [--threads N]
+    python bench/decode.py MODEL.gguf [--tokens 128] [--runs 3] [--threads N] [--ctx-size 1024]
 
-Both load the file with the same settings and sample with the same chain (llama.cpp's
-Llama.generate defaults: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05). Runs are
-interleaved (raw, ours, raw, ours, ...) so drift on a shared machine hits both alike.
-Decode speed is measured from the first generated token to the last, so prompt
-processing is left out of both. Prints tokens/s per run, the medians and their ratio.
+Three sides decode the same GGUF file with the same load settings (n_ctx, n_batch,
+threads, KV cache type: the raw side gets exactly the `Llama(...)` arguments our loader
+builds) and the same sampling (llama.cpp's Llama.generate defaults: temperature 0.8,
+top_k 40, top_p 0.95, min_p 0.05; a fixed seed; EOS banned so every run has the same
+length):
+
+- raw: `llama_cpp.Llama.generate` in this process;
+- ours: our Generator in this process (queue, detokeniser, stop matcher and all);
+- api: `server.py --api` as a subprocess, streaming /v1/completions (SSE) to this process.
+
+Runs are interleaved (raw, ours, api, raw, ...) and strictly one at a time: two llama.cpp
+contexts decoding at once on a small CPU would ruin both. The server keeps its model
+loaded but idle while the other two run; raw and ours load the model for each run and
+free it afterwards. Decode speed is measured from the first generated token to the last,
+so prompt processing is left out (the API side from the first streamed chunk to the last
+event). Prints tokens/s per run, the medians, their ratios and the goal (api >= 0.97 x raw).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import common  # noqa: E402
 from modules.generation import Generator  # noqa: E402
 from modules.model_manager import ModelManager  # noqa: E402
 from modules.sampling import SamplingParams  # noqa: E402
@@ -26,6 +37,7 @@ from modules.settings import Settings  # noqa: E402
 
 PROMPT = "The old lighthouse keeper climbed the stairs one last time and"
 SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+API_GOAL = 0.97
 
 
 def raw_run(llm, n_tokens: int) -> float:
@@ -57,56 +69,98 @@ def our_run(generator: Generator, n_tokens: int, seed: int) -> float:
     return (last.completion_tokens - first_count) / (time.perf_counter() - first_time)
 
 
-def main() -> int:
+def api_run(client, server: common.ApiServer, n_tokens: int, seed: int) -> float:
+    """Tokens/s of one streamed /v1/completions, first streamed chunk to the last event."""
+    payload = {"prompt": PROMPT, "max_tokens": n_tokens, "seed": seed, "ban_eos_token": True, **SAMPLING}
+    result = common.stream_completion(client, server.url, payload)
+    if result.completion_tokens != n_tokens:
+        raise RuntimeError(f"the API generated {result.completion_tokens} tokens, not {n_tokens}")
+    return result.decode_rate()
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="0 = physical cores")
-    parser.add_argument("--ctx-size", type=int, default=1024)
-    args = parser.parse_args()
+    common.add_server_args(parser, ctx_size=1024)
+    parser.add_argument("--tokens", type=int, default=128, help="tokens generated per run")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs of each side")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--cache-type", default="f16", choices=("f16", "q8_0", "q4_0", "f32"))
+    parser.add_argument("--no-api", action="store_true", help="leave out the API side (no server started)")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
 
     import llama_cpp
-    import psutil
 
-    from loaders.llama_cpp import LlamaCppOptions
+    from loaders.llama_cpp import LlamaCppOptions, llama_kwargs, read_gguf_metadata
 
-    threads = args.threads or psutil.cpu_count(logical=False) or 1
-    settings = Settings(models_dir=str(args.model.resolve().parent), ctx_size=args.ctx_size, threads=threads,
-                        threads_batch=threads)
-    models = ModelManager(settings, args.model.resolve().parent)
+    model = args.model.resolve()
+    threads = args.threads or common.default_threads()
+    opts = LlamaCppOptions(ctx_size=args.ctx_size, threads=threads, threads_batch=threads,
+                           batch_size=args.batch_size, cache_type=args.cache_type)
+    raw_kwargs = llama_kwargs(model, opts, read_gguf_metadata(model))  # what our loader passes
+    settings = Settings(models_dir=str(model.parent), ctx_size=args.ctx_size, threads=threads,
+                        threads_batch=threads, batch_size=args.batch_size, cache_type=args.cache_type)
+    models = ModelManager(settings, model.parent)
     generator = Generator(models)
-    opts = LlamaCppOptions(ctx_size=args.ctx_size, threads=threads, threads_batch=threads)
+    server = None
+    if not args.no_api:
+        server = common.ApiServer(model, threads, args.ctx_size,
+                           ["--batch-size", str(args.batch_size), "--cache-type", args.cache_type])
+    client = common.http_client()
 
-    # Only one model is in memory at a time: an idle llama.cpp context's threads keep
-    # spinning for a while, and on a small machine they would slow the other side down.
-    def measure_raw(n_tokens: int) -> float:
-        raw = llama_cpp.Llama(str(args.model), n_ctx=opts.ctx_size, n_threads=threads, n_threads_batch=threads,
-                              n_batch=opts.batch_size, verbose=False)
+    # Only one model decodes at a time; raw and ours hold theirs only for their own run
+    # (an idle llama.cpp context's threads keep spinning a while and would slow the others).
+    def measure_raw(n_tokens: int, seed: int) -> float:
+        raw = llama_cpp.Llama(**raw_kwargs, seed=seed)
         try:
             return raw_run(raw, n_tokens)
         finally:
             raw.close()
+            common.settle()
 
     def measure_ours(n_tokens: int, seed: int) -> float:
-        models.load(args.model.name, loader="llama.cpp")
+        models.load(model.name, loader="llama.cpp")
         try:
             return our_run(generator, n_tokens, seed)
         finally:
             models.unload()
+            common.settle()
 
-    our_rates, raw_rates = [], []
-    measure_raw(8)  # warm the page cache and both code paths
-    measure_ours(8, 0)
-    for run in range(args.runs):
-        raw_rates.append(measure_raw(args.tokens))
-        our_rates.append(measure_ours(args.tokens, run))
-        print(f"run {run + 1}: raw {raw_rates[-1]:7.2f} tok/s   ours {our_rates[-1]:7.2f} tok/s", flush=True)
-    raw_med, our_med = statistics.median(raw_rates), statistics.median(our_rates)
-    print(f"model {args.model.name}, {args.tokens} tokens, {threads} threads, {args.runs} runs")
-    print(f"median decode: raw llama_cpp.Llama {raw_med:.2f} tok/s, ours {our_med:.2f} tok/s, "
-          f"ratio {our_med / raw_med:.3f}")
-    generator.close()
+    def measure_api(n_tokens: int, seed: int) -> float:
+        try:
+            return api_run(client, server, n_tokens, seed)
+        finally:
+            common.settle()
+
+    sides = {"raw": measure_raw, "ours": measure_ours}
+    if server is not None:
+        sides["api"] = measure_api
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    try:
+        print(common.machine_line(threads), flush=True)
+        for measure in sides.values():  # warm the page cache and every code path
+            measure(8, 0)
+        for run in range(args.runs):
+            for name, measure in sides.items():
+                rates[name].append(measure(args.tokens, run + 1))
+            print(f"run {run + 1}: " + "   ".join(f"{n} {r[-1]:7.2f} tok/s" for n, r in rates.items()), flush=True)
+    finally:
+        client.close()
+        generator.close()
+        if server is not None:
+            server.close()
+    med = {name: common.median(values) for name, values in rates.items()}
+    print(f"model {model.name}, {args.tokens} tokens, {threads} threads, ctx {args.ctx_size}, "
+          f"batch {args.batch_size}, KV {args.cache_type}, {args.runs} runs")
+    print("median decode: " + ", ".join(f"{name} {value:.2f} tok/s" for name, value in med.items()))
+    print(f"ratio ours / raw {med['ours'] / med['raw']:.3f}")
+    if "api" in med:
+        print(f"ratio api / raw {med['api'] / med['raw']:.3f}")
+        print(common.goal_line("api / raw decode", med["api"] / med["raw"], API_GOAL))
+    print(common.machine_line(threads))
     return 0
 
 
