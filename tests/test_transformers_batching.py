@@ -178,6 +178,67 @@ def test_logprobs_are_per_thread(batched: TransformersLoader, alone: Transformer
         assert [m[2] for m in mine] == pytest.approx([t[2] for t in theirs], abs=1e-4)
 
 
+# --- fairness -----------------------------------------------------------------------------
+def test_a_short_request_finishes_while_a_long_one_runs(batched: TransformersLoader) -> None:
+    long_ids, short_ids = batched.encode(TEXTS[0]), batched.encode(TEXTS[3])
+    short_done = threading.Event()
+    long_count_then: list[int] = []
+
+    def long_job() -> int:
+        count = 0
+        for _ in islice(batched.generate(long_ids, GREEDY, threading.Event()), 1500):
+            count += 1
+            if short_done.is_set() and not long_count_then:
+                long_count_then.append(count)
+                break
+        return count
+
+    def short_job() -> list[int]:
+        time.sleep(0.05)
+        out = take(batched, short_ids, 20)
+        short_done.set()
+        return out
+
+    _, short = in_threads(long_job, short_job)
+    assert len(short) == 20
+    assert long_count_then, "the short request only finished after the long one"
+
+
+def test_a_long_prompt_is_evaluated_in_chunks_between_decode_steps(
+    batched: TransformersLoader, alone: TransformersLoader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Running rows get a decode step after every prompt chunk of a newcomer."""
+    scheduler = batched._scheduler
+    assert scheduler is not None
+    real, calls = scheduler._forward, []
+
+    def recording(ids: Any, cache: Any, mask: Any, positions: Any) -> Any:
+        calls.append(("decode" if mask is not None else "prefill", ids.shape[1]))
+        return real(ids, cache, mask, positions)
+
+    monkeypatch.setattr(scheduler, "_forward", recording)
+    running = threading.Event()
+    newcomer = long_prompt(batched, SHARED_PREFILL_CHUNK * 4 + 5)
+
+    def first() -> list[int]:
+        out = []
+        for token in islice(batched.generate(batched.encode(TEXTS[0]), GREEDY, threading.Event()), 300):
+            out.append(token)
+            if len(out) == 3:
+                running.set()
+        return out
+
+    def second() -> list[int]:
+        assert running.wait(TIMEOUT)
+        return take(batched, newcomer, 10)
+
+    _, got = in_threads(first, second)
+    assert got == take(alone, newcomer, 10)
+    chunks = [i for i, (kind, width) in enumerate(calls) if kind == "prefill" and width > 1 and i > 0]
+    assert len(chunks) >= 5 and all(calls[i][1] <= SHARED_PREFILL_CHUNK for i in chunks)
+    assert all(calls[i + 1][0] == "decode" for i in chunks[:-1])
+
+
 # --- isolation ----------------------------------------------------------------------------
 def test_a_cancelled_request_leaves_the_others_running(
     batched: TransformersLoader, alone: TransformersLoader
