@@ -111,6 +111,29 @@ def test_parallel_below_one_is_refused(tiny_kit: TinyKit) -> None:
         TransformersLoader.load(tiny_kit.hf_dir, TransformersOptions(cpu=True, parallel=0))
 
 
+def test_a_cache_that_cannot_be_batched_falls_back_to_one_at_a_time(tiny_kit: TinyKit, tmp_path: Any) -> None:
+    """A sliding-window model (Mistral's DynamicSlidingWindowLayer) is served alone, and says why."""
+    import json
+    import shutil
+
+    from transformers import MistralConfig, MistralForCausalLM
+
+    folder = tmp_path / "tiny-mistral-sliding"
+    shutil.copytree(tiny_kit.hf_dir, folder)
+    (folder / "model.safetensors").unlink()
+    vocab = json.loads((tiny_kit.hf_dir / "config.json").read_text())["vocab_size"]
+    config = MistralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    MistralForCausalLM(config).save_pretrained(str(folder))
+    model = TransformersLoader.load(folder, TransformersOptions(cpu=True, parallel=4))
+    try:
+        assert concurrency_of(model) == 1 and model._scheduler is None
+        assert "SlidingWindow" in model.info.metadata["parallel_note"]
+        assert len(take(model, model.encode(TEXTS[1]), 4)) == 4
+    finally:
+        model.unload()
+
+
 # --- equality with each request alone -------------------------------------------------------
 def test_concurrent_greedy_equals_each_request_alone(
     batched: TransformersLoader, alone: TransformersLoader
