@@ -180,7 +180,7 @@ def main() -> int:
     threads = args.threads or common.default_threads()
     print(common.machine_line(threads), flush=True)
     chats = []
-    with common.ApiServer(args.model, threads, args.ctx_size, ["--parallel", str(args.parallel)]) as server, \
+    with common.ApiServer(args.model, threads, args.ctx_size, ["--parallel", str(args.parallel), *args.server_args]) as server, \
             common.http_client() as client:
         player = ChatPlayer(server, client, args)
         player.play(-1, 3)  # a short warm-up chat, not counted

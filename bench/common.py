@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import signal
 import socket
 import statistics
@@ -304,8 +305,14 @@ def machine_line(threads: int) -> str:
                 break
     except OSError:
         pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"machine: {cpu}, {os.cpu_count()} logical CPUs, {threads} threads; load average {load}"
+    averages = os.getloadavg()
+    load = ", ".join(f"{x:.2f}" for x in averages)
+    line = f"machine: {cpu}, {os.cpu_count()} logical CPUs, {threads} threads; load average {load}"
+    if averages[0] > 0.5 * (os.cpu_count() or 1):
+        # llama.cpp's threads spin-wait on each other: another busy process can cut
+        # decode speed tenfold, and not evenly between the sides being compared.
+        line += " (busy: other processes are running, these figures are noise)"
+    return line
 
 
 def default_threads() -> int:
@@ -321,3 +328,5 @@ def add_server_args(parser: Any, ctx_size: int) -> None:
     parser.add_argument("model", type=Path, help="a .gguf file (python -m tests.kit.bench_model models/bench-q8_0.gguf)")
     parser.add_argument("--threads", type=int, default=0, help="0 = physical cores")
     parser.add_argument("--ctx-size", type=int, default=ctx_size, help="context tokens (per slot)")
+    parser.add_argument("--server-args", type=shlex.split, default=[],
+                        help='more server.py flags in one string, after an = sign: --server-args="--no-context-shift"')

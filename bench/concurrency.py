@@ -177,7 +177,7 @@ def main() -> int:
     args = parse_args()
     threads = args.threads or common.default_threads()
     print(common.machine_line(threads), flush=True)
-    with common.ApiServer(args.model, threads, args.ctx_size, ["--parallel", str(args.parallel)]) as server:
+    with common.ApiServer(args.model, threads, args.ctx_size, ["--parallel", str(args.parallel), *args.server_args]) as server:
         ours = run_workload("ours", server.url, args)
     reference = twins(ours)
     rates, mismatches = report(f"ours: server.py --parallel {args.parallel}, {args.requests} requests x {args.tokens} tokens, "

@@ -108,7 +108,8 @@ def main() -> int:
     server = None
     if not args.no_api:
         server = common.ApiServer(model, threads, args.ctx_size,
-                           ["--batch-size", str(args.batch_size), "--cache-type", args.cache_type])
+                           ["--batch-size", str(args.batch_size), "--cache-type", args.cache_type,
+                                   *args.server_args])
     client = common.http_client()
 
     # Only one model decodes at a time; raw and ours hold theirs only for their own run
