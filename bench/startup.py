@@ -8,6 +8,8 @@ does not exist, free loopback ports) and measures, from the spawn:
 - config: until GET /config answers 200 after that (the Gradio app is built and serves its
   components: the page is really usable);
 - api: with --api, until GET /v1/models on the API answers 200;
+cpu: the CPU seconds (user + system) the server had used when the page answered: on a busy
+shared machine wall times stretch, this much less, and on an idle one page ~ cpu + a little;
 then, after `--idle` seconds of no requests, the resident memory (RSS, and USS: memory only
 this process tree holds) of the server and all its children, and whether any backend
 library (torch, llama.cpp, transformers' native parts) is mapped into it.
@@ -50,6 +52,7 @@ class Run:
     variant: str
     page_s: float
     config_s: float
+    cpu_s: float
     api_s: float | None
     rss_mb: float
     uss_mb: float
@@ -109,6 +112,19 @@ def tree_memory(pid: int) -> tuple[float, float, int, list[str]]:
     return rss / 2**20, uss / 2**20, len(procs), sorted(heavy)
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process and its children have used so far."""
+    parent = psutil.Process(pid)
+    total = 0.0
+    for proc in [parent, *parent.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGTERM the server's process group and any child that left it, then SIGKILL what remains."""
     try:
@@ -150,6 +166,7 @@ def one_run(variant: Variant, args: argparse.Namespace) -> Run:
                                     stdin=subprocess.DEVNULL, env={**os.environ, **variant.env}, start_new_session=True)
         try:
             page = wait_for(f"http://127.0.0.1:{ui_port}/", proc, t0, args.timeout, args.poll, log)
+            cpu = tree_cpu(proc.pid)
             config = wait_for(f"http://127.0.0.1:{ui_port}/config", proc, t0, args.timeout, args.poll, log)
             api_s = (wait_for(f"http://127.0.0.1:{api_port}/v1/models", proc, t0, args.timeout, args.poll, log)
                      if variant.api else None)
@@ -157,7 +174,7 @@ def one_run(variant: Variant, args: argparse.Namespace) -> Run:
             rss, uss, count, heavy = tree_memory(proc.pid)
         finally:
             kill_tree(proc)
-    return Run(variant.name, page, config, api_s, rss, uss, count, heavy)
+    return Run(variant.name, page, config, cpu, api_s, rss, uss, count, heavy)
 
 
 def parse_args() -> argparse.Namespace:
@@ -183,7 +200,7 @@ def print_summary(runs: list[Run], variants: list[str]) -> None:
     print(f"\nfirst run ({first.variant}, cold disk cache): page {first.page_s:.2f} s, config {first.config_s:.2f} s, "
           f"RSS {first.rss_mb:.0f} MB")
     print(f"\nmedians over {len(runs) // len(variants)} runs each:")
-    print(f"{'variant':<28} {'page s':>7} {'config s':>8} {'api s':>6} {'RSS MB':>7} {'USS MB':>7}  "
+    print(f"{'variant':<28} {'page s':>7} {'config s':>8} {'api s':>6} {'cpu s':>6} {'RSS MB':>7} {'USS MB':>7}  "
           f"{'page/goal':>9} {'RSS/goal':>8} {'page/peer':>9} {'RSS/peer':>8}")
     for name in variants:
         mine = [r for r in runs if r.variant == name]
@@ -191,9 +208,10 @@ def print_summary(runs: list[Run], variants: list[str]) -> None:
         config = statistics.median(r.config_s for r in mine)
         api = [r.api_s for r in mine if r.api_s is not None]
         api_text = f"{statistics.median(api):.2f}" if api else "-"
+        cpu = statistics.median(r.cpu_s for r in mine)
         rss = statistics.median(r.rss_mb for r in mine)
         uss = statistics.median(r.uss_mb for r in mine)
-        print(f"{name:<28} {page:>7.2f} {config:>8.2f} {api_text:>6} {rss:>7.0f} {uss:>7.0f}  "
+        print(f"{name:<28} {page:>7.2f} {config:>8.2f} {api_text:>6} {cpu:>6.2f} {rss:>7.0f} {uss:>7.0f}  "
               f"{page / GOAL_START_S:>9.2f} {rss / GOAL_RSS_MB:>8.2f} {page / PEER_START_S:>9.2f} "
               f"{rss / PEER_RSS_MB:>8.2f}")
     print(f"goal: page <= {GOAL_START_S} s, RSS <= {GOAL_RSS_MB:.0f} MB (ratio <= 1.00 meets it); "
@@ -218,7 +236,7 @@ def main() -> int:
             variants.append(Variant(f"ui+api {other.name}", other.resolve(), api=True))
     print(f"server.py with no model, {args.runs} interleaved runs of {', '.join(v.name for v in variants)}; "
           f"python {args.python}; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    print("page: spawn -> GET / 200; config: -> GET /config 200; api: -> GET /v1/models 200; "
+    print("page: spawn -> GET / 200; config: -> GET /config 200; api: -> GET /v1/models 200; cpu: server CPU s at page; "
           f"memory: process tree after {args.idle:g} s idle")
     runs: list[Run] = []
     for index in range(args.runs):
@@ -227,8 +245,9 @@ def main() -> int:
             runs.append(run)
             api_text = f" api {run.api_s:.2f} s" if run.api_s is not None else ""
             print(f"run {index + 1} {variant.name:<24} page {run.page_s:.2f} s  config {run.config_s:.2f} s{api_text}  "
+                  f"cpu {run.cpu_s:.2f} s  "
                   f"RSS {run.rss_mb:.0f} MB  USS {run.uss_mb:.0f} MB  ({run.processes} processes; heavy libraries "
-                  f"mapped: {', '.join(run.heavy) or 'none'})", flush=True)
+                  f"mapped: {', '.join(run.heavy) or 'none'}; load {os.getloadavg()[0]:.1f})", flush=True)
     print_summary(runs, [v.name for v in variants])
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
