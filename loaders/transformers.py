@@ -199,9 +199,12 @@ class TransformersLoader(LoaderBase):
         model = self._require_model()
         if "position_ids" not in inspect.signature(model.forward).parameters:
             return "its forward() takes no position_ids"
-        with torch.inference_mode():
-            cache = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self._device),
-                          use_cache=True).past_key_values
+        try:
+            with torch.inference_mode():
+                cache = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=self._device),
+                              use_cache=True).past_key_values
+        except (RuntimeError, TypeError, ValueError) as exc:
+            return f"a trial forward pass failed ({type(exc).__name__}: {exc})"
         if not isinstance(cache, DynamicCache):
             return f"its KV cache is a {type(cache).__name__}, which cannot be batched here"
         odd = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
