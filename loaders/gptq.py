@@ -251,8 +251,11 @@ def describe_quantization(quant: dict[str, Any]) -> str:
 
 
 def kernel_name(model: Any) -> str | None:
-    """The class name of GPTQModel's quantised linear layer in `model` (which kernel runs)."""
+    """The class name of GPTQModel's quantised linear layer in `model` (which kernel runs):
+    the first module whose class derives from one of its QuantLinear bases (some kernels,
+    e.g. torch_int8, repack qweight into other buffers, so attributes cannot tell)."""
     for module in model.modules():
-        if hasattr(module, "qweight"):
+        bases = type(module).__mro__[1:]
+        if any(base.__name__.endswith("QuantLinear") and base.__module__.startswith("gptqmodel.") for base in bases):
             return type(module).__name__
     return None
