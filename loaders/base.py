@@ -88,7 +88,8 @@ class LoadedModel(Protocol):
         bans and `ban_eos_token` (EOS is masked). It yields EOS like any other token: the
         caller decides to stop. When `params.logprobs` is N > 0 and the loader declares the
         `logprobs` capability, its `last_logprobs` attribute holds the TokenLogprobs (top N)
-        of the token just yielded, read by the caller before it asks for the next one. It returns when `stop_event` is set (checked before each
+        of the token just yielded, read by the caller before it asks for the next one (in the
+        consuming thread: a loader with `parallel` > 1 keeps it per thread). It returns when `stop_event` is set (checked before each
         step) or when the context window is full. The caller may close it at any time.
         """
         ...
