@@ -95,9 +95,10 @@ class GPTQLoader(TransformersLoader):
         """Load the GPTQ folder at `path`.
 
         Raises BackendMissingError (torch, transformers, optimum or gptqmodel missing),
-        UnsupportedOptionError (an unknown backend, a negative context length or
-        parallel below 1, a GPU kernel on CPU), ModelLoadError (not a GPTQ folder, a model that needs
-        trust_remote_code, or any failure inside Transformers/GPTQModel, with its message).
+        UnsupportedOptionError (an unknown backend, a negative context length, parallel
+        below 1, a GPU kernel on CPU), ModelLoadError (not a GPTQ folder, a model that
+        needs trust_remote_code, or any failure inside Transformers or GPTQModel, with its
+        message).
         """
         path = Path(path)
         quant = read_gptq_config(path)
