@@ -1,15 +1,15 @@
 """Time to first token as a chat grows, and on the turn that overflows the context.
 
-    python bench/chat_turns.py MODEL.gguf [--ctx-size 1280] [--turns 14] [--reps 3]
+    python bench/chat_turns.py MODEL.gguf [--ctx-size 1536] [--turns 14] [--reps 3]
                                [--reply-tokens 32] [--user-words 48] [--parallel 1]
 
 Starts `server.py --api` with `--ctx-size` tokens of context and plays `--reps` fresh
 chats through /v1/chat/completions (streaming; instruct mode, so the server renders the
 model's own chat template; temperature 0, EOS banned, `--reply-tokens` per reply). Each
 chat has its own system prompt (so no chat can reuse another one's cache) and user
-messages of about 60-70 tokens cut from the test kit's corpus; the model's replies go
-back into the history as they were streamed. The chat grows by about 100 tokens a turn,
-so with the defaults it passes the context (1280 - 32 for the reply) near the end and
+messages of about 75 tokens cut from the test kit's corpus; the model's replies go
+back into the history as they were streamed. The chat grows by about 120 tokens a turn,
+so with the defaults it passes the context (1536 - 32 for the reply) around turn 12 and
 the server drops its oldest turns (whole turns; the system prompt stays): from then on
 each prompt no longer extends the one before, and only a context shift of the KV cache
 avoids evaluating the whole prompt again.
@@ -166,11 +166,11 @@ def print_summary(chats: list[Chat]) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_server_args(parser, ctx_size=1280)
+    common.add_server_args(parser, ctx_size=1536)
     parser.add_argument("--turns", type=int, default=14, help="user turns per chat")
     parser.add_argument("--reps", type=int, default=3, help="fresh chats played one after another")
     parser.add_argument("--reply-tokens", type=int, default=32, help="max_tokens of each reply")
-    parser.add_argument("--user-words", type=int, default=48, help="words per user message (~65 tokens)")
+    parser.add_argument("--user-words", type=int, default=48, help="words per user message (~75 tokens)")
     parser.add_argument("--parallel", type=int, default=1, help="server.py --parallel (slots)")
     return parser.parse_args()
 
