@@ -300,7 +300,10 @@ class SlotEngine:
                 continue
             slot = req.slot
             assert slot is not None
-            chunk = req.pending[:room]
+            # The last prompt token goes in a step of its own, as it does when the rest of
+            # the prompt was already cached: a repeated request (a regenerate, a cache hit)
+            # then computes its first logits exactly as its first run did.
+            chunk = req.pending[: min(room, len(req.pending) - 1) or 1]
             ends = len(chunk) == len(req.pending)
             pos = len(slot.tokens)
             for j, token in enumerate(chunk):

@@ -250,3 +250,30 @@ def test_the_generator_serves_as_many_requests_at_once_as_the_model_has_slots(ti
         assert app.generator.running == 0
     finally:
         app.models.unload()
+
+
+def test_a_repeated_request_gives_its_first_answer_from_the_cache(tmp_path: Path) -> None:
+    """The second run finds all but the last prompt token cached; it must still compute the
+    same logits as the first run. Batch shapes change llama.cpp's Q8_0 rounding on a wide
+    enough model with 2 threads, so the last prompt token always gets a step of its own."""
+    tokenizer = train_tokenizer()
+    vocab = vocab_info(tokenizer)
+    shape = dataclasses.replace(tiny_shape(len(vocab.tokens)), hidden=1024, heads=16, kv_heads=16, ffn=2048)
+    weights = random_llama_weights(shape, seed=0)
+    path = write_llama_gguf(tmp_path / "wide-q8_0.gguf", shape, vocab, "q8_0",
+                            lambda g, hf, _s: hf_to_gguf_tensor(g, weights[hf], shape), name="wide")
+    model = LlamaCppLoader.load(path, LlamaCppOptions(threads=2, threads_batch=2))
+    try:
+        params = SamplingParams(temperature=0, max_new_tokens=24, logprobs=1)
+        for n in range(12):
+            ids = model.encode(f"Prompt {n}: the old lighthouse keeper climbed the stairs one last time and " * 2)
+            runs = []
+            for _ in range(2):
+                run_ = []
+                for token in model.generate(ids, params, threading.Event()):
+                    run_.append((token, model.last_logprobs.logprob))  # type: ignore[union-attr]
+                runs.append(run_)
+            assert model.last_reused_tokens == len(ids) - 1
+            assert runs[1] == runs[0], n
+    finally:
+        model.unload()
