@@ -101,6 +101,9 @@ def main() -> int:
     opts = LlamaCppOptions(ctx_size=args.ctx_size, threads=threads, threads_batch=threads,
                            batch_size=args.batch_size, cache_type=args.cache_type)
     raw_kwargs = llama_kwargs(model, opts, read_gguf_metadata(model))  # what our loader passes
+    # Our loader leaves flash attention to llama.cpp ("auto": on where supported, as on a
+    # CPU); Llama() takes only on or off, so the raw side gets it on too.
+    raw_kwargs["flash_attn"] = True
     settings = Settings(models_dir=str(model.parent), ctx_size=args.ctx_size, threads=threads,
                         threads_batch=threads, batch_size=args.batch_size, cache_type=args.cache_type)
     models = ModelManager(settings, model.parent)

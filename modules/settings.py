@@ -47,7 +47,8 @@ class Settings:
     batch_size: int = _opt(512, "llama.cpp", "Prompt tokens processed per batch.")
     rope_freq_base: float = _opt(0.0, "llama.cpp", "RoPE base frequency; 0 uses the model's.")
     rope_freq_scale: float = _opt(0.0, "llama.cpp", "RoPE frequency scaling factor; 0 uses the model's.")
-    flash_attn: bool = _opt(False, "llama.cpp", "Use flash attention.")
+    flash_attn: bool = _opt(False, "llama.cpp", "Always use flash attention (by default llama.cpp uses it where the "
+                            "backend supports it).")
     cache_type: str = _opt("f16", "llama.cpp", "KV cache type; q8_0 and q4_0 halve or quarter its memory.",
                            choices=("f16", "q8_0", "q4_0", "f32"))
     tensor_split: str = _opt("", "llama.cpp", "How to split the model across GPUs, e.g. 3,1.")
@@ -78,7 +79,8 @@ class Settings:
                               "(about 2.5 for twice the context); 1 is off.")
     compress_pos_emb: float = _opt(0.0, "ExLlamaV2", "Linear RoPE scaling factor (context / trained context, for "
                                    "models tuned for it); 0 keeps the model's.")
-    no_flash_attn: bool = _opt(False, "ExLlamaV2", "Do not use flash-attention even when it is installed.")
+    no_flash_attn: bool = _opt(False, "ExLlamaV2", "Do not use flash attention even where it is available "
+                               "(ExLlamaV2, and llama.cpp, where it is on by default where supported).")
     no_xformers: bool = _opt(False, "ExLlamaV2", "Do not use xformers even when it is installed.")
     no_sdpa: bool = _opt(False, "ExLlamaV2", "Do not use PyTorch's scaled-dot-product attention.")
     num_experts_per_token: int = _opt(0, "ExLlamaV2", "Experts per token for mixture-of-experts models; "
