@@ -163,6 +163,21 @@ def test_logprobs_belong_to_the_thread_that_reads_them(single: LlamaCppLoader, f
     assert results == want
 
 
+def test_the_tokenizer_answers_while_every_slot_is_busy(four: LlamaCppLoader) -> None:
+    """Token counting (SillyTavern sends a dozen before each generation) and model info
+    never wait for the decode loop."""
+    ids = four.encode(PROMPTS[0])
+    gens = [four.generate(ids, GREEDY.replace(max_new_tokens=300), threading.Event()) for _ in range(4)]
+    for g in gens:
+        next(g)  # four slots running, none of them read on
+    done = threading.Event()
+    threading.Thread(target=lambda: (four.encode("count me " * 200), four.decode(ids), done.set()),
+                     daemon=True).start()
+    assert done.wait(10)
+    for g in gens:
+        g.close()
+
+
 def test_unload_ends_every_running_request(tiny_kit: TinyKit) -> None:
     model = LlamaCppLoader.load(tiny_kit.gguf_f32, options(parallel=2))
     ids = model.encode(PROMPTS[0])

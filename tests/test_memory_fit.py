@@ -83,6 +83,16 @@ def test_kv_cache_formula_for_a_llama_3_8b_shape() -> None:
         memory_fit.kv_cache_bytes(shape, 8192, "q5_9")
 
 
+def test_each_parallel_slot_has_its_own_kv_cache(tiny_kit: TinyKit) -> None:
+    shape = ModelShape(layers=32, kv_heads=8, head_dim=128, vocab=128256)
+    one = memory_fit.estimate_gguf(4 * 2**30, shape, 8192, "f16")
+    four = memory_fit.estimate_gguf(4 * 2**30, shape, 8192, "f16", slots=4)
+    assert four.kv_cache == 4 * one.kv_cache == 4096 * MIB and four.weights == one.weights
+    assert "for 4 slots" in four.describe() and "slots" not in one.describe()
+    kit = memory_fit.estimate_model(tiny_kit.gguf_f32, n_ctx=512, slots=3)
+    assert kit is not None and kit.kv_cache == 3 * memory_fit.estimate_model(tiny_kit.gguf_f32, n_ctx=512).kv_cache
+
+
 def test_gpu_layers_and_swap_warning() -> None:
     est = MemoryEstimate(weights=8 * 2**30, kv_cache=2**30, overhead=2**28, n_ctx=8192, layers=32)
     assert memory_fit.suggest_gpu_layers(est, 0) == 0
