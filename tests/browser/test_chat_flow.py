@@ -114,10 +114,12 @@ def test_chat_with_the_gguf(page, server: Server) -> None:
     page.fill("#chat-input textarea", "Tell me a story")
     page.click("#chat-send")
     wait_until(lambda: len(bot_text(page)) > 40, what="a reply for the screenshot")
-    shot = page.screenshot(path=str(REPO / "test-artifacts" / "chat-tab.png"))
-    assert shot
+    # Stop first: a screenshot can take seconds on a loaded machine, time enough for the
+    # 200-token reply to end by itself and the Stop to find nothing to cancel.
     page.click("#chat-stop")
     wait_until(lambda: "cancelled" in page.locator("#chat-stats").inner_text(), what="Stop")
+    shot = page.screenshot(path=str(REPO / "test-artifacts" / "chat-tab.png"))
+    assert shot
 
 
 def test_chat_with_the_transformers_folder(page, server: Server) -> None:
