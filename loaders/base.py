@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from modules.errors import ContextLengthExceededError, InvalidRequestError
 from modules.sampling import SamplingParams
 
 
@@ -97,6 +98,21 @@ class LoadedModel(Protocol):
     def unload(self) -> None:
         """Free the weights (and GPU memory) now rather than at garbage collection."""
         ...
+
+
+def check_prompt_ids(prompt_ids: Sequence[int], context_length: int, vocab_size: int, hint: str = "") -> None:
+    """Refuse a prompt no loader can evaluate: empty, longer than the context (`hint` says
+    how to get a longer one), or holding ids outside `range(vocab_size)`."""
+    if not prompt_ids:
+        raise InvalidRequestError("the prompt is empty: at least one token is needed", "prompt")
+    if len(prompt_ids) > context_length:
+        raise ContextLengthExceededError(
+            f"the prompt has {len(prompt_ids)} tokens but the context holds {context_length}{hint}", "prompt"
+        )
+    low, high = min(prompt_ids), max(prompt_ids)
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary (0-{vocab_size - 1})", "prompt")
 
 
 def concurrency_of(model: object) -> int:

@@ -42,14 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from loaders import register_loader
-from loaders.base import Capabilities, LoaderBase, ModelInfo, TokenLogprobs
+from loaders.base import Capabilities, LoaderBase, ModelInfo, TokenLogprobs, check_prompt_ids
 from loaders.exllamav2_sampler import SamplerPlan, breaker_token_ids, sampler_settings
 from loaders.torch_samplers import apply_top_n_sigma
 from modules.errors import (
     BackendMissingError,
-    ContextLengthExceededError,
     GenerationError,
-    InvalidRequestError,
     ModelLoadError,
     ModelNotLoadedError,
     UnsupportedOptionError,
@@ -510,20 +508,8 @@ class ExLlamaV2Loader(LoaderBase):
         return self._breaker_cache[breakers]
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty: at least one token is needed", "prompt")
-        if len(prompt_ids) > self.info.context_length:
-            raise ContextLengthExceededError(
-                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.info.context_length} "
-                f"(raise max_seq_len to load a longer one)",
-                "prompt",
-            )
-        low, high = min(prompt_ids), max(prompt_ids)
-        if low < 0 or high >= self._valid_vocab:
-            bad = low if low < 0 else high
-            raise InvalidRequestError(
-                f"prompt token id {bad} is outside the vocabulary (0-{self._valid_vocab - 1})", "prompt"
-            )
+        check_prompt_ids(prompt_ids, self.info.context_length, self._valid_vocab,
+                         " (raise max_seq_len to load a longer one)")
 
     # --- lifecycle ---------------------------------------------------------------------
     def unload(self) -> None:

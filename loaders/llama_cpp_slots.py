@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from loaders.base import TokenLogprobs
+from loaders.base import TokenLogprobs, check_prompt_ids
 from loaders.kv_reuse import MIN_SHIFT_TOKENS, ReusePlan, plan_reuse
-from modules.errors import ContextLengthExceededError, GenerationError, InvalidRequestError, ModelNotLoadedError
+from modules.errors import GenerationError, ModelNotLoadedError
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +154,7 @@ class SlotEngine:
                 self._cond.notify_all()
 
     def _check_prompt(self, prompt: list[int]) -> None:
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty: generation needs at least one token", "prompt")
-        if len(prompt) > self.n_ctx_slot:
-            raise ContextLengthExceededError(
-                f"the prompt has {len(prompt)} tokens but the context holds {self.n_ctx_slot}", "prompt"
-            )
-        if min(prompt) < 0 or max(prompt) >= self.n_vocab:
-            raise InvalidRequestError("the prompt holds token ids outside the vocabulary", "prompt")
+        check_prompt_ids(prompt, self.n_ctx_slot, self.n_vocab)
 
     # --- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:

@@ -24,14 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loaders import PICKLE_SUFFIXES, register_loader
-from loaders.base import Capabilities, LoaderBase, ModelInfo, TokenLogprobs
+from loaders.base import Capabilities, LoaderBase, ModelInfo, TokenLogprobs, check_prompt_ids
 from loaders.torch_samplers import SamplerChain, dry_breaker_sequences
 from loaders.transformers_batch import BatchRequest, BatchScheduler, token_logprobs
 from modules.errors import (
     BackendMissingError,
-    ContextLengthExceededError,
     GenerationError,
-    InvalidRequestError,
     ModelLoadError,
     ModelNotLoadedError,
     UnsupportedOptionError,
@@ -260,14 +258,7 @@ class TransformersLoader(LoaderBase):
         model = self._require_model()
         context = self.info.context_length
         self._check_prompt(prompt_ids)
-        chain = SamplerChain(
-            params,
-            vocab_size=self._logits_size,
-            device=self._device,
-            eos_token_ids=self.info.eos_token_ids,
-            dry_breakers=self._dry_breakers(params),
-            valid_vocab=self._valid_vocab,
-        )
+        chain = self._new_chain(params)
         history = torch.zeros(context, dtype=torch.long, device=self._device)
         count = len(prompt_ids)
         history[:count] = torch.tensor(prompt_ids, dtype=torch.long)
@@ -299,14 +290,7 @@ class TransformersLoader(LoaderBase):
         self._require_model()
         context = self.info.context_length
         self._check_prompt(prompt_ids)
-        chain = SamplerChain(
-            params,
-            vocab_size=self._logits_size,
-            device=self._device,
-            eos_token_ids=self.info.eos_token_ids,
-            dry_breakers=self._dry_breakers(params),
-            valid_vocab=self._valid_vocab,
-        )
+        chain = self._new_chain(params)
         if len(prompt_ids) >= context or scheduler is None:
             return
         history = torch.zeros(context, dtype=torch.long, device=self._device)
@@ -367,20 +351,17 @@ class TransformersLoader(LoaderBase):
         return logits, out.past_key_values
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty: at least one token is needed", "prompt")
-        if len(prompt_ids) > self.info.context_length:
-            raise ContextLengthExceededError(
-                f"the prompt has {len(prompt_ids)} tokens but the model's context holds "
-                f"{self.info.context_length}",
-                "prompt",
-            )
-        low, high = min(prompt_ids), max(prompt_ids)
-        if low < 0 or high >= self._logits_size:
-            bad = low if low < 0 else high
-            raise InvalidRequestError(
-                f"prompt token id {bad} is outside the vocabulary (0-{self._logits_size - 1})", "prompt"
-            )
+        check_prompt_ids(prompt_ids, self.info.context_length, self._logits_size)
+
+    def _new_chain(self, params: SamplingParams) -> SamplerChain:
+        return SamplerChain(
+            params,
+            vocab_size=self._logits_size,
+            device=self._device,
+            eos_token_ids=self.info.eos_token_ids,
+            dry_breakers=self._dry_breakers(params),
+            valid_vocab=self._valid_vocab,
+        )
 
     def _dry_breakers(self, params: SamplingParams) -> list[tuple[int, ...]]:
         """DRY's breaker strings as token sequences (worked out once per distinct list)."""

@@ -36,13 +36,7 @@ N_TOKENS = 32
 GREEDY = SamplingParams(temperature=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One thread: on 2 shared cores, more threads spin-wait on each other (FACTS.md)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
