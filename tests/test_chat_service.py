@@ -121,3 +121,33 @@ def test_a_refused_send_leaves_the_chat_unchanged(service, fake):
     with pytest.raises(ContextLengthExceededError):
         service.send(chat, "x " * 300, SETUP, PARAMS.replace(max_new_tokens=60))
     assert len(chat.messages) == 1
+
+
+def test_two_sessions_sending_to_one_saved_chat_lose_no_message(app, fake, tmp_path):
+    """Two browser tabs with the same chat open: the second save becomes a conflict copy,
+    and that session's next message continues in the copy."""
+    from modules.chat.history import HistoryStore
+    from modules.chat.types import SAVED_AS_COPY
+
+    store = HistoryStore(tmp_path / "logs" / "chat")
+    service = ChatService(app.generator, app.models, SimpleRenderer(), save=store.save)
+    fake.script = script_text(" first reply") + [EOS]
+    opened = service.new_chat(SETUP)
+    service.send(opened, "Hi", SETUP, PARAMS).result()
+    tab_a, tab_b = store.load("Alice", opened.id), store.load("Alice", opened.id)
+
+    fake.script = script_text(" to A") + [EOS]
+    service.send(tab_a, "from A", SETUP, PARAMS).result()
+    fake.script = script_text(" to B") + [EOS]
+    service.send(tab_b, "from B", SETUP, PARAMS).result()
+    assert tab_a.id == opened.id and tab_a.notice is None
+    assert tab_b.id != opened.id and tab_b.notice is not None and tab_b.notice.kind == SAVED_AS_COPY
+
+    fake.script = script_text(" again") + [EOS]
+    service.send(tab_b, "B again", SETUP, PARAMS).result()
+    assert tab_b.notice is None  # no second conflict: B now owns its copy
+    contents = {s.id: [m.content for m in store.load("Alice", s.id).messages] for s in store.list("Alice")}
+    assert contents == {
+        opened.id: ["Hello!", "Hi", "first reply", "from A", "to A"],
+        tab_b.id: ["Hello!", "Hi", "first reply", "from B", "to B", "B again", "again"],
+    }

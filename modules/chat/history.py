@@ -7,6 +7,10 @@ that is fsynced and renamed over the old file, so a crash leaves the old chat or
 one, never half of one; those temp files are ignored when listing and swept when stale.
 ooba history files dropped into a character's folder load too (converted on read, saved
 back in our layout).
+
+Several browser tabs (or processes) may hold copies of one chat. Each file carries a
+revision, counted up on every write; a save whose copy was read at an older revision than
+the file's does not overwrite it but becomes a new chat, a conflict copy (see save()).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import copy
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 
 from modules.chat import chat_formats
-from modules.chat.types import USER, Chat
+from modules.chat.types import RECREATED, SAVED_AS_COPY, USER, Chat, SaveNotice
 from modules.errors import ChatNotFoundError, InvalidRequestError, UnsafePathError
 from modules.paths import atomic_write_text, check_name, fsync_dir, safe_join
 
@@ -37,6 +42,10 @@ _MAX_NAME_BYTES = 200
 """UTF-8 bytes in a chat id or character name: file systems stop at 255, the temp-file
 prefix and suffix need the rest."""
 _MAX_ID_TRIES = 1000
+CONFLICT_SUFFIX = " (conflict copy)"
+"""Added to the title of a chat saved as a copy because another tab had saved the original."""
+_UNMATCHABLE = -1
+"""The revision of a file that cannot be read as a chat: no copy has it, so nothing overwrites it."""
 
 
 @dataclass(frozen=True)
@@ -88,13 +97,14 @@ class HistoryStore:
 
     Names (character, chat id) are checked with modules.paths (UnsafePathError); bad
     files raise InvalidRequestError naming the file; a missing chat ChatNotFoundError.
-    Safe to share between threads: writes that allocate ids are serialised.
+    Safe to share between threads: writes, renames and deletes are serialised by one lock,
+    so a save's check of the file's revision and its write are one step for this process.
     """
 
     def __init__(self, root: Path, *, now: Callable[[], datetime] | None = None) -> None:
         self.root = Path(root)
         self._now = now or _now_local
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: set_title holds it across its load and write
         self.remove_stale_temp_files()
 
     # --- paths -------------------------------------------------------------------------
@@ -140,8 +150,14 @@ class HistoryStore:
         except RecursionError:
             raise InvalidRequestError(f"{where} is nested too deeply to read", "chat_id") from None
         if chat_formats.looks_like_ooba(obj):
-            return chat_formats.ooba_to_chat(obj, character, where)
-        return chat_formats.chat_from_native(obj, where)
+            chat = chat_formats.ooba_to_chat(obj, character, where)
+        else:
+            chat = chat_formats.chat_from_native(obj, where)
+        revision = _revision_of(obj)
+        if revision is None:
+            raise InvalidRequestError(f"{where}: revision must be a whole number (0 or more)", "chat_id")
+        chat.revision = revision
+        return chat
 
     def list(self, character: str) -> list[ChatSummary]:
         """The character's chats, newest `updated` first (file time when a chat has none).
@@ -196,12 +212,22 @@ class HistoryStore:
     # --- writing -----------------------------------------------------------------------
 
     def save(self, chat: Chat) -> Chat:
-        """Write `chat` atomically; returns the same object with id, created and updated set.
+        """Write `chat` atomically; returns the same object with id, created, updated and revision set.
 
         A chat without an id gets a new one from the clock ("20261122-011530", then
         "-2", "-3"... when taken), never overwriting another chat. `created` is set on the
         first save, `updated` on every save. Unsafe names and malformed chats are refused
         before anything touches the disk; on failure the chat object is left as it was.
+
+        Nothing another tab saved is ever overwritten. The file's revision must still be
+        `chat.revision` (the one this copy was read or last saved at), checked under the
+        store's lock and read again just before the atomic rename (another process may
+        write too). If it moved on, or the file can no longer be read as a chat, this copy
+        is saved as a new chat titled "TITLE (conflict copy)" (meta["branched_from"] names
+        the original, with "conflict": true) and the object becomes that chat, so the
+        tab's next save continues there; if the file is gone (deleted or
+        renamed elsewhere) it is written again under its id. Either way `chat.notice`
+        (a SaveNotice) says what happened; it is None after an ordinary save.
         """
         return self._write(chat, touch=True)
 
@@ -210,23 +236,65 @@ class HistoryStore:
         if chat.id:
             self.chat_path(chat.character, chat.id)
         chat_formats.dump_native(chat)  # refuse bad data before claiming an id
-        before = (chat.id, chat.created, chat.updated)
-        stamp = self._now()
-        claimed = None
+        before = (chat.id, chat.title, chat.created, chat.updated, chat.meta, chat.revision, chat.notice)
+        claimed: list[Path] = []
         with self._lock:
             try:
-                if not chat.id:
-                    chat.id = claimed = self._claim_id(folder, stamp)
-                chat.created = chat.created or _iso(stamp)
-                if touch or not chat.updated:
-                    chat.updated = _iso(stamp)
-                atomic_write_text(self.chat_path(chat.character, chat.id), chat_formats.dump_native(chat))
+                chat.notice = None
+                if not self._write_in_place(chat, folder, touch, claimed):
+                    self._write_conflict_copy(chat, folder, claimed)
             except BaseException:
-                chat.id, chat.created, chat.updated = before
-                if claimed:
-                    (folder / f"{claimed}.json").unlink(missing_ok=True)
+                chat.id, chat.title, chat.created, chat.updated, chat.meta, chat.revision, chat.notice = before
+                for path in claimed:
+                    path.unlink(missing_ok=True)
                 raise
         return chat
+
+    def _write_in_place(self, chat: Chat, folder: Path, touch: bool, claimed: list[Path]) -> bool:
+        """Write `chat` under its own id (a new one if it has none); False, with nothing
+        written, when another writer saved that file since this copy was read."""
+        stamp = self._now()
+        if not chat.id:
+            chat.id = self._claim_id(folder, stamp)
+            claimed.append(folder / f"{chat.id}.json")
+            _stamp(chat, stamp, touch, revision=1)
+            atomic_write_text(claimed[-1], _file_text(chat))
+            return True
+        path = self.chat_path(chat.character, chat.id)
+        on_disk = _disk_revision(path)
+        if on_disk is None:  # deleted or renamed elsewhere, or the first save under a chosen id
+            if not _create_exclusive(path):  # another process created it this very moment
+                return False
+            claimed.append(path)
+            if chat.revision:
+                chat.notice = SaveNotice(RECREATED, f"This chat had been deleted or renamed elsewhere (another tab?), "
+                                                    f"so it was saved again as {chat.id}.", chat.id)
+            _stamp(chat, stamp, touch, revision=chat.revision + 1)  # counting on: stale copies stay stale
+            atomic_write_text(path, _file_text(chat))
+            return True
+        if on_disk != chat.revision:
+            return False
+        _stamp(chat, stamp, touch, revision=on_disk + 1)
+        return _replace_unless_changed(path, _file_text(chat), on_disk)
+
+    def _write_conflict_copy(self, chat: Chat, folder: Path, claimed: list[Path]) -> None:
+        """Turn `chat` into a new chat holding this copy's messages and write it."""
+        original, original_title = chat.id, chat.title or _preview(chat) or chat.id
+        stamp = self._now()
+        chat.id = self._claim_id(folder, stamp)
+        claimed.append(folder / f"{chat.id}.json")
+        index = len(chat.messages) - 1 if chat.messages else None
+        chat.meta = {**chat.meta, "branched_from": {"id": original, "index": index, "conflict": True}}
+        chat.title = original_title if original_title.endswith(CONFLICT_SUFFIX) else original_title + CONFLICT_SUFFIX
+        chat.created = ""
+        _stamp(chat, stamp, True, revision=1)
+        atomic_write_text(claimed[-1], _file_text(chat))
+        log.warning("chat %s/%s was saved elsewhere since this copy was read; saved this copy as %s",
+                    chat.character, original, chat.id)
+        chat.notice = SaveNotice(SAVED_AS_COPY, (
+            f'This chat was changed in another tab since this one opened it, so your version was saved as '
+            f'a separate chat, "{chat.title}", instead of overwriting that change. This tab now continues in '
+            f'the copy; the other version is still under Past chats.'), original)
 
     def _claim_id(self, folder: Path, stamp: datetime) -> str:
         """Reserve a new id by creating its file exclusively (safe across processes too).
@@ -250,9 +318,10 @@ class HistoryStore:
         """Give a chat a display title (free text, not a file name); `updated` is kept."""
         if not isinstance(title, str):
             raise InvalidRequestError("the title must be text", "title")
-        chat = self.load(character, chat_id)
-        chat.title = title
-        return self._write(chat, touch=False)
+        with self._lock:  # no save of this process slips in between the load and the write
+            chat = self.load(character, chat_id)
+            chat.title = title
+            return self._write(chat, touch=False)
 
     def rename(self, character: str, chat_id: str, new_id: str) -> str:
         """Rename a chat's file (its id), never overwriting another chat; returns the new id.
@@ -271,10 +340,14 @@ class HistoryStore:
         return new_id
 
     def delete(self, character: str, chat_id: str) -> None:
-        """Delete one saved chat; ChatNotFoundError if it is not there."""
+        """Delete one saved chat; ChatNotFoundError if it is not there.
+
+        A tab that still has the chat open writes it again on its next save (see save()).
+        """
         path = self.chat_path(character, chat_id)
         try:
-            path.unlink()
+            with self._lock:
+                path.unlink()
         except FileNotFoundError:
             raise ChatNotFoundError(f"there is no saved chat {self._where(character, chat_id)}", "chat_id") from None
 
@@ -332,6 +405,84 @@ def _character_files(root: Path) -> Iterator[Path]:
             yield from list(folder.iterdir())
         except OSError as exc:
             log.warning("could not look into %s: %s", folder, exc)
+
+
+def _stamp(chat: Chat, stamp: datetime, touch: bool, *, revision: int) -> None:
+    chat.created = chat.created or _iso(stamp)
+    if touch or not chat.updated:
+        chat.updated = _iso(stamp)
+    chat.revision = revision
+
+
+def _file_text(chat: Chat) -> str:
+    """Our JSON layout with the revision as its first key. chat_formats leaves the revision
+    out: it belongs to the file, so exported chats never carry it into another store."""
+    text = chat_formats.dump_native(chat)  # an object, "{\n  ...}"
+    return f'{{\n  "revision": {chat.revision},' + text[1:]
+
+
+def _revision_of(obj: object) -> int | None:
+    """The revision a parsed chat file records (0 when it has none: older files, ooba's);
+    None when the value is not a whole number >= 0."""
+    value = obj.get("revision", 0) if isinstance(obj, dict) else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _disk_revision(path: Path) -> int | None:
+    """The revision of the file at `path` now: None when there is none, _UNMATCHABLE when it
+    cannot be read as a chat (an empty id placeholder, bad JSON), so no copy overwrites it."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return _UNMATCHABLE
+    try:
+        obj = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return _UNMATCHABLE
+    revision = _revision_of(obj) if isinstance(obj, dict) else None
+    return _UNMATCHABLE if revision is None else revision
+
+
+def _create_exclusive(path: Path) -> bool:
+    """Create `path` empty unless it exists (an id placeholder, as _claim_id makes); False if it does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _replace_unless_changed(path: Path, text: str, revision: int) -> bool:
+    """Replace `path` by `text` atomically if the file's revision is still `revision`;
+    False, with nothing written, if another writer changed it.
+
+    modules.paths.atomic_write_text with one more step: after the temp file is written and
+    fsynced, just before the rename, the file's revision is read again, so a save by another
+    process during our write is noticed. What remains is the instant between that read and
+    the rename; within one process the store's lock closes it. Same temp-file names as
+    atomic_write_text, so the stale sweep knows them.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        if _disk_revision(path) != revision:
+            Path(tmp).unlink()
+            return False
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return True
 
 
 def _preview(chat: Chat, limit: int = 60) -> str:

@@ -100,7 +100,13 @@ class ChatStream:
 
 
 class ChatService:
-    """The chat actions; one per App, shared by the UI and the API."""
+    """The chat actions; one per App, shared by the UI and the API.
+
+    `save(chat)` runs when each generating action ends (HistoryStore.save in the app). It
+    may change the chat in place: when another session saved the same chat meanwhile, the
+    chat becomes a conflict copy with a new id and `chat.notice` set, so whoever holds the
+    object (a browser tab's state) continues in the copy and can tell the user.
+    """
 
     def __init__(self, generator: Generator, models: ModelManager, renderer: Renderer,
                  save: Callable[[Chat], object] | None = None,

@@ -49,6 +49,35 @@ class Chat:
     created: str = ""
     updated: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    revision: int = field(default=0, compare=False)
+    """How many times the chat's file had been written when this copy was read or last saved.
+    HistoryStore.save compares it with the file's own to notice that another tab saved in
+    between; 0 for a chat never saved and for files from before revisions. Bookkeeping, not
+    content: two chats with the same content are equal whatever their revisions."""
+    notice: SaveNotice | None = field(default=None, compare=False, repr=False)
+    """What the last save did besides an ordinary write (see SaveNotice), for the faces to show
+    once; None after an ordinary save. Never written to the file."""
+
+
+SAVED_AS_COPY = "saved_as_copy"
+"""SaveNotice.kind: another tab or process had saved the chat since this copy was read, so
+this copy was saved as a new chat (a conflict copy) instead of overwriting that save."""
+RECREATED = "recreated"
+"""SaveNotice.kind: the chat's file was gone (deleted or renamed elsewhere), so it was
+written again under its id."""
+
+
+@dataclass(frozen=True)
+class SaveNotice:
+    """What a save had to do so that nothing is lost, in words for the user.
+
+    `kind` is SAVED_AS_COPY (the Chat object now *is* the copy: new id and title, so the
+    next action continues there) or RECREATED; `original_id` the id the chat had before.
+    """
+
+    kind: str
+    message: str
+    original_id: str
 
 
 @dataclass
