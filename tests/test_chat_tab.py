@@ -230,3 +230,36 @@ def test_a_rewritten_message_shows_both_texts_and_edits_keep_only_the_typed_one(
     assert shown == "Bonjour Bob.\nComment vas-tu ?\n\n---\n> Hello Bob.\n> How are you?"
     assert chat_view.display_text(Message(ASSISTANT, "plain")) == "plain"
     assert chat_view.edited_text([{"type": "text", "text": "Salut Bob." + shown[len(translated.visible):]}]) == "Salut Bob."
+
+
+def test_a_save_after_another_tab_saved_becomes_a_copy_and_the_tab_continues_there(served: tuple[App, str]) -> None:
+    app, url = served
+    c = client(url)
+    *_, chats, _ = c.predict("Hello", "", *SETUP, api_name="/chat_send")
+    original = chats["value"]
+    other_tab = app.history.load("Assistant", original)  # another tab has the same chat open and sends
+    other_tab.messages.append(Message("user", "from the other tab"))
+    app.history.save(other_tab)
+
+    messages, _, stats, chats, _ = c.predict("Mine", "", *SETUP, api_name="/chat_send")
+    copy_id = chats["value"]
+    assert copy_id != original and "saved as a separate chat" in stats and "tokens/s" in stats
+    assert texts(messages)[-2:] == [("user", "Mine"), ("assistant", "Hi there!")]
+    assert app.history.load("Assistant", original).messages[-1].content == "from the other tab"
+    copy = app.history.load("Assistant", copy_id)
+    assert copy.title.endswith("(conflict copy)") and [m.content for m in copy.messages][-2:] == ["Mine", "Hi there!"]
+
+    _, _, stats, chats, _ = c.predict("Next", "", *SETUP, api_name="/chat_send")
+    assert chats["value"] == copy_id and "separate chat" not in stats  # the tab moved to the copy
+    other_tab = app.history.load("Assistant", copy_id)
+    other_tab.title = "changed elsewhere"
+    app.history.save(other_tab)
+    _, _, stats, chats, box = c.predict(api_name="/chat_remove_last")  # an edit's save is caught too
+    assert box == "Next" and chats["value"] not in (original, copy_id) and "separate chat" in stats
+    assert app.history.load("Assistant", copy_id).title == "changed elsewhere"
+
+
+def test_status_text_puts_a_save_notice_under_the_stats() -> None:
+    assert chat_view.status_text("10 tokens", "") == "10 tokens"
+    assert chat_view.status_text("10 tokens", "Saved as a copy.") == "10 tokens\n\n⚠️ Saved as a copy."
+    assert chat_view.status_text("", "Saved as a copy.") == "⚠️ Saved as a copy."

@@ -3,7 +3,9 @@
 The browser session's Chat object lives in a gr.State, so two browser tabs never mix
 chats; saved chats are files under logs/chat/CHARACTER/ shared by everyone. Every action
 is one call into app.chat (ChatService) or app.history (HistoryStore); this module only
-builds components and wires them (STYLE rule 13).
+builds components and wires them (STYLE rule 13). When two tabs have the same chat open
+and the other one saved first, this tab's save becomes a conflict copy (HistoryStore.save):
+the tab says so, in a toast and on the status line, and continues in the copy.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import gradio as gr
 from modules.app import App
 from modules.chat.prompt import CHAT, MODES
 from modules.chat.service import ChatSetup, ChatStream
-from modules.chat.types import Chat, Persona
+from modules.chat.types import SAVED_AS_COPY, Chat, Persona
 from modules.errors import ModelNotLoadedError, WorkbenchError
 from modules.ui import chat_view, extensions_ui
 from modules.ui.common import sampling_from_state
@@ -205,9 +207,12 @@ def _drive(app: App, chat: Chat, stream: ChatStream, kind: str, text: str) -> It
         raise _error(f"Generation failed: {type(exc).__name__}: {exc}") from None
     finally:
         extensions_ui.show_errors(app)
-    # The stream saved the chat when it ended: now it has an id for the past-chats list.
+        notice = _take_notice(chat)  # the save ran when the stream ended, also when it failed
+    # The stream saved the chat when it ended: now it has an id for the past-chats list
+    # (a new one if the save became a conflict copy, so the list selects the copy).
     seconds = time.perf_counter() - start
-    final = [*_view(app, chat, stats=chat_view.stats_text(stream.last, seconds)), box]
+    stats = chat_view.status_text(chat_view.stats_text(stream.last, seconds), notice)
+    final = [*_view(app, chat, stats=stats), box]
     if kind == "impersonate":
         final[-1] = stream.text
     yield final
@@ -299,7 +304,8 @@ def _wire_history(app: App, w: ChatWidgets) -> None:
             gr.Warning("Send a message first: the chat is saved with its first reply.")
             return _view(app, chat)
         try:
-            return _view(app, app.history.set_title(chat.character, chat.id, title.strip()))
+            titled = app.history.set_title(chat.character, chat.id, title.strip())
+            return _view(app, titled, stats=chat_view.status_text("", _take_notice(titled)))
         except WorkbenchError as exc:
             gr.Warning(str(exc))
             return _view(app, chat)
@@ -373,7 +379,20 @@ def _saved_view(app: App, chat: Chat) -> list[Any]:
             app.history.save(chat)
         except (WorkbenchError, OSError) as exc:
             gr.Warning(f"Could not save the chat: {exc}")
-    return _view(app, chat)
+    return _view(app, chat, stats=chat_view.status_text("", _take_notice(chat)))
+
+
+def _take_notice(chat: Chat | None) -> str:
+    """What the last save had to do besides writing (a conflict copy, a chat written again after
+    a delete elsewhere): toasted once and returned for the status line; "" after a plain save."""
+    if chat is None or chat.notice is None:
+        return ""
+    notice, chat.notice = chat.notice, None
+    if notice.kind == SAVED_AS_COPY:
+        gr.Warning(notice.message, duration=None)  # stays until closed: the tab moved to another chat
+    else:
+        gr.Info(notice.message)
+    return notice.message
 
 
 def _chat_list(app: App, chat: Chat | None) -> Any:

@@ -103,3 +103,11 @@ def chat_choices(summaries: Sequence[ChatSummary]) -> list[tuple[str, str]]:
 def stats_text(chunk: GenerationChunk | None, seconds: float) -> str:
     """ "N tokens, R tokens/s" for the last reply, with why it ended once it has."""
     return "" if chunk is None else speed_text(chunk, seconds)
+
+
+def status_text(stats: str, notice: str = "") -> str:
+    """The status line under the chat: the reply's stats, then what saving had to do (e.g.
+    "saved as a separate chat" when another tab had changed this one), if anything."""
+    if not notice:
+        return stats
+    return f"{stats}\n\n⚠️ {notice}" if stats else f"⚠️ {notice}"
