@@ -40,17 +40,16 @@ def main(argv: list[str] | None = None) -> int:
 
     app = App.create(settings, ROOT)
     api_server = None
+    from modules.web_guard import log_exposure, policy_for
+
+    log_exposure([policy_for(settings, face) for face in (("api", "ui") if settings.api else ("ui",))])
     if settings.api:
-        if settings.listen and not settings.api_key:
-            log.warning("--listen without --api-key: anyone on your network can use the API")
         from modules.api import serve_in_thread
 
         api_server = serve_in_thread(app, settings.host, settings.api_port)
     missing = [name for name in settings.extensions if name not in app.extensions.names()]
     if missing:
         log.warning("extensions not loaded (see the errors above): %s", ", ".join(missing))
-    if settings.listen and not settings.gradio_auth:
-        log.warning("--listen without --gradio-auth: anyone on your network can use this UI")
     app.load_startup_model()
     if not app.models.list_models():
         log.info("No models in %s yet: put a .gguf file (or a model folder) there, then press Refresh "

@@ -12,11 +12,12 @@ from modules.chat.characters import CharacterStore, PersonaStore
 from modules.chat.history import HistoryStore
 from modules.chat.service import ChatService
 from modules.chat.templates import TemplateRenderer, TemplateStore
+from modules.errors import InvalidRequestError
 from modules.extensions import ExtensionRegistry
 from modules.generation import Generator
 from modules.model_manager import ModelManager
 from modules.paths import atomic_write_text
-from modules.settings import Settings, resolve_path
+from modules.settings import CLI_ONLY, Settings, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,13 @@ class App:
     extensions: ExtensionRegistry
     restart_requested: threading.Event = dataclasses.field(default_factory=threading.Event)
     """Set by the Session tab's Restart button; server.py rebuilds the UI (the model stays loaded)."""
+    _save_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def create(cls, settings: Settings, root: Path) -> App:
         models = ModelManager(settings, resolve_path(root, settings.models_dir))
         extensions = ExtensionRegistry(root / "extensions", settings.extension_params)
-        generator = Generator(models, extensions)
+        generator = Generator(models, extensions, max_queue=settings.max_queue)
         renderer = TemplateRenderer()
         templates = TemplateStore(root / "instruction-templates", renderer)
         history = HistoryStore(root / "logs" / "chat")
@@ -64,9 +66,16 @@ class App:
         return resolve_path(self.root, self.settings.settings)
 
     def update_settings(self, **changes: object) -> Settings:
-        """Replace some settings (validated again) for everything that reads them from now on."""
+        """Replace some settings (validated again) for everything that reads them from now on.
+
+        The exposure switches (CLI_ONLY: --listen, CORS, remote code, pickles) cannot be changed
+        here: only the command line sets them."""
+        for name, value in changes.items():
+            if name in CLI_ONLY and value != getattr(self.settings, name):
+                raise InvalidRequestError(f"{name} can only be set on the command line or in CMD_FLAGS.txt", name)
         self.settings = dataclasses.replace(self.settings, **changes)  # type: ignore[arg-type]
         self.models.settings = self.settings
+        self.generator.max_queue = self.settings.max_queue
         return self.settings
 
     def set_extensions(self, names: list[str]) -> list[str]:
@@ -80,9 +89,10 @@ class App:
         """Write the persisted settings (with the extensions' current params) to the settings file, atomically."""
         import yaml
 
-        self.update_settings(extension_params=self.extensions.params_snapshot())
-        path = self.settings_path
-        atomic_write_text(path, yaml.safe_dump(self.settings.persisted(), sort_keys=False, allow_unicode=True))
+        with self._save_lock:  # two browser tabs saving at once write one after the other
+            self.update_settings(extension_params=self.extensions.params_snapshot())
+            path = self.settings_path
+            atomic_write_text(path, yaml.safe_dump(self.settings.persisted(), sort_keys=False, allow_unicode=True))
         return path
 
     def load_startup_model(self) -> str | None:

@@ -63,6 +63,14 @@ class UnsupportedOptionError(ModelLoadError):
     """A load option cannot work on this machine (e.g. 4-bit loading without a GPU)."""
 
 
+class QueueFullError(WorkbenchError):
+    """Every slot is busy and the wait queue (--max-queue) is full: try again shortly."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class GenerationError(WorkbenchError):
     """The backend failed in the middle of a generation."""
 

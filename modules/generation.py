@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loaders.base import LoadedModel, concurrency_of
-from modules.errors import ContextLengthExceededError, InvalidRequestError
+from modules.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
 from modules.extensions import ExtensionRegistry, make_state
 from modules.model_manager import ModelManager
 from modules.sampling import SamplingParams
@@ -88,6 +88,33 @@ class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     hooks: _Hooks | None = None
+    owner: str | None = None
+    """Who asked (an API caller, a browser session): `cancel_owned` stops only theirs."""
+    waiting: bool = True
+    """Counted in the wait queue until a slot takes it (or it ends without one)."""
+
+
+class Reservation:
+    """A place in the wait queue taken before the request is ready to submit (an HTTP request
+    must know it will be served before it answers 200). Pass it to `submit`, or `release()` it."""
+
+    def __init__(self, generator: Generator) -> None:
+        self._generator: Generator | None = generator
+        self._lock = threading.Lock()  # take() and release() may race (a cancel from another thread)
+
+    def _claim(self) -> Generator | None:
+        with self._lock:
+            generator, self._generator = self._generator, None
+        return generator
+
+    def take(self) -> bool:
+        """Consume the place (for `submit`); False when it was already used or released."""
+        return self._claim() is not None
+
+    def release(self) -> None:
+        generator = self._claim()
+        if generator is not None:
+            generator._unreserve()
 
 
 _END = object()
@@ -138,9 +165,14 @@ class Stream:
 class Generator:
     """Owns the request queue and the worker that runs generations on the loaded model."""
 
-    def __init__(self, models: ModelManager, extensions: ExtensionRegistry | None = None) -> None:
+    def __init__(self, models: ModelManager, extensions: ExtensionRegistry | None = None,
+                 max_queue: int | None = None) -> None:
         self.models = models
         self.extensions = extensions
+        self.max_queue = max_queue
+        """Requests that may wait for a slot beyond those running; None = no limit."""
+        self._waiting = 0
+        """Submitted jobs not yet running, plus reservations (under _pending_lock)."""
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._workers: list[threading.Thread] = []
         self._start_lock = threading.Lock()
@@ -151,31 +183,78 @@ class Generator:
         self._running = 0
 
     def submit(self, prompt: str | list[int], params: SamplingParams, *,
-               state: dict[str, Any] | None = None, is_chat: bool = False, raw: bool = False) -> Stream:
+               state: dict[str, Any] | None = None, is_chat: bool = False, raw: bool = False,
+               owner: str | None = None, reservation: Reservation | None = None) -> Stream:
         """Queue a generation; iterate the returned stream for its chunks.
 
         `state` is the extensions' state dict: for chat, the one ChatService built and
         modified (`is_chat=True`: state_modifier and input_modifier already ran); for
         plain completions, extra keys such as `is_api` (the hooks run here). `raw` skips
-        every hook: an extension generating for itself (a translation) must not recurse.
+        every hook: an extension generating for itself (a translation) must not recurse,
+        and is never refused for a full queue (its caller already holds a place).
+        `owner` tags the job for `cancel_owned`. Raises QueueFullError when `max_queue`
+        requests already wait and no `reservation` was taken earlier.
         """
         if not isinstance(prompt, str) and not (
             isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
         ):
+            if reservation is not None:
+                reservation.release()
             raise InvalidRequestError("prompt must be text or a list of token ids", "prompt")
-        job = _Job(prompt, params)
-        if not raw and self.extensions is not None and self.extensions.active:
-            job.hooks = _input_hooks(self.extensions, job, state, is_chat)
+        reserved = reservation is not None and reservation.take()
+        if not reserved:
+            self._take_place(limited=not raw)
+        job = _Job(prompt, params, owner=owner)
+        try:
+            if not raw and self.extensions is not None and self.extensions.active:
+                job.hooks = _input_hooks(self.extensions, job, state, is_chat)
+        except BaseException:
+            self._unreserve()
+            raise
         with self._pending_lock:
             self._pending.add(job)
         self._ensure_worker()
         self._queue.put(job)
         return Stream(job)
 
+    def reserve(self) -> Reservation:
+        """A place in the wait queue now, for a `submit` a little later; QueueFullError if none."""
+        self._take_place(limited=True)
+        return Reservation(self)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot (and places reserved for requests about to submit)."""
+        return self._waiting
+
+    def _take_place(self, limited: bool) -> None:
+        with self._pending_lock:
+            if limited and self.max_queue is not None and self._waiting >= self.max_queue + self._free_slots():
+                raise QueueFullError(
+                    f"the server is busy: {self._waiting} requests are already waiting for the model "
+                    f"(--max-queue {self.max_queue}); try again in a few seconds", retry_after=self._retry_after())
+            self._waiting += 1
+
+    def _unreserve(self) -> None:
+        with self._pending_lock:
+            self._waiting -= 1
+
+    def _free_slots(self) -> int:
+        """Slots no job holds or is about to take: requests that will start at once are not waiting."""
+        return max(0, self._slots() - self._running)
+
+    def _retry_after(self) -> int:
+        """Seconds to suggest to a refused client: a rough turn of the queue, at least 1."""
+        return max(1, min(60, self._waiting // max(1, self._slots())))
+
     def cancel_all(self) -> int:
         """Stop every queued and running generation, whoever started it (a "stop everything")."""
+        return self.cancel_owned(None)
+
+    def cancel_owned(self, owner: str | None) -> int:
+        """Stop the queued and running generations submitted with `owner` (None: all of them)."""
         with self._pending_lock:
-            jobs = list(self._pending)
+            jobs = [job for job in self._pending if owner is None or job.owner == owner]
         for job in jobs:
             job.cancel.set()
         return len(jobs)
@@ -213,6 +292,7 @@ class Generator:
             admitted = False
             try:
                 admitted = self._admit(job)
+                self._stop_waiting(job)
                 if not admitted:
                     job.out.put(GenerationChunk("", "", 0, 0, FINISH_CANCELLED))
                     continue
@@ -229,9 +309,16 @@ class Generator:
                     with self._admission:
                         self._running -= 1
                         self._admission.notify_all()
+                self._stop_waiting(job)
                 with self._pending_lock:
                     self._pending.discard(job)
                 job.out.put(_END)
+
+    def _stop_waiting(self, job: _Job) -> None:
+        with self._pending_lock:
+            if job.waiting:
+                job.waiting = False
+                self._waiting -= 1
 
     def _admit(self, job: _Job) -> bool:
         """Wait for a free slot (the model may have been reloaded with fewer); False if the

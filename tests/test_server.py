@@ -110,3 +110,41 @@ def test_model_tab_loads_refuses_a_corrupt_file_and_keeps_serving(tmp_path, tiny
         assert "tiny.gguf:" in saved and "ctx_size: 256" in saved and "threads: 1" in saved
     finally:
         stop(proc)
+
+
+def _status(port: int, path: str, headers: dict[str, str], method: str = "GET") -> int:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=b"{}" if method == "POST" else None,
+                     headers={"Content-Type": "application/json", **headers})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_both_faces_refuse_dns_rebinding_and_foreign_pages(tmp_path):
+    """The UI (gradio's own app) and the API sit behind the same Host and Origin checks."""
+    models = tmp_path / "models"
+    models.mkdir()
+    api_port = free_port()
+    proc, url = start_server(tmp_path, "--models-dir", str(models), "--api", "--api-port", str(api_port),
+                             "--allowed-hosts", "chat.example.com")
+    ui_port = int(url.rstrip("/").rsplit(":", 1)[1])
+    try:
+        for port, path in ((ui_port, "/"), (ui_port, "/gradio_api/info"), (api_port, "/v1/models")):
+            assert _status(port, path, {"Host": "evil.example"}) == 403, (port, path)
+            assert _status(port, path, {"Host": f"evil.example:{port}"}) == 403
+            assert _status(port, path, {"Host": f"localhost:{port}"}) == 200
+            assert _status(port, path, {"Host": f"127.0.0.1:{port}"}) == 200
+            assert _status(port, path, {"Host": "chat.example.com"}) == 200
+        # A page elsewhere may not drive the UI's queue, nor read its config.
+        assert _status(ui_port, "/gradio_api/queue/join", {"Origin": "http://evil.example"}, "POST") == 403
+        assert _status(ui_port, "/config", {"Origin": "http://evil.example"}) == 403
+        assert _status(ui_port, "/config", {"Origin": f"http://127.0.0.1:{ui_port}"}) == 200
+        assert _status(api_port, "/v1/internal/model/unload", {"Origin": "http://evil.example"}, "POST") == 403
+        log = (tmp_path / "server.log").read_text()
+        assert "refused" in log and "Traceback" not in log
+    finally:
+        stop(proc)

@@ -77,3 +77,50 @@ def test_save_settings_round_trips_without_secrets(tmp_path):
     assert saved["ctx_size"] == 3072
     assert "api_key" not in saved and "gradio_auth" not in saved
     assert load_settings([], tmp_path).ctx_size == 3072
+
+
+def test_exposure_switches_never_come_back_from_saved_settings(tmp_path):
+    """Save settings after a start with --listen --trust-remote-code: the next plain start is local."""
+    cli = ["--listen", "--trust-remote-code", "--allow-pickle", "--api-cors-origins", "*",
+           "--allowed-hosts", "pc.lan", "--listen-host", "0.0.0.0", "--api-key", "k"]
+    app = App.create(load_settings(cli, tmp_path), tmp_path)
+    assert app.settings.listen and app.settings.trust_remote_code
+    saved = yaml.safe_load(app.save_settings().read_text())
+    for name in ("listen", "listen_host", "allowed_hosts", "api_cors_origins", "trust_remote_code", "allow_pickle",
+                 "api_key"):
+        assert name not in saved, name
+    again = load_settings([], tmp_path)
+    assert (again.listen, again.trust_remote_code, again.allow_pickle, again.api_cors_origins,
+            again.host) == (False, False, False, None, "127.0.0.1")
+
+
+def test_exposure_switches_written_into_settings_yaml_by_hand_are_ignored(tmp_path, caplog):
+    (tmp_path / "settings.yaml").write_text(yaml.safe_dump(
+        {"listen": True, "listen_host": "0.0.0.0", "trust_remote_code": True, "allow_pickle": True,
+         "api_cors_origins": "*", "allowed_hosts": "*", "ctx_size": 2048}))
+    s = load_settings([], tmp_path)
+    assert (s.listen, s.listen_host, s.trust_remote_code, s.allow_pickle, s.api_cors_origins, s.allowed_hosts) == \
+        (False, None, False, False, None, None)
+    assert s.ctx_size == 2048 and "ignoring" in caplog.text
+    assert load_settings(["--listen"], tmp_path).listen  # the command line still sets them
+
+
+@pytest.mark.parametrize(("value", "field"), [
+    ({"ctx_size": "4096"}, "ctx_size"), ({"ctx_size": 10**9}, "ctx_size"), ({"threads": -5}, "threads"),
+    ({"flash_attn": "false"}, "flash_attn"), ({"no_mmap": 1}, "no_mmap"), ({"cache_type": "q2"}, "cache_type"),
+    ({"batch_size": 0}, "batch_size"), ({"extensions": "memory"}, "extensions"),
+])
+def test_settings_file_values_are_type_checked_and_bounded(tmp_path, value, field):
+    (tmp_path / "settings.yaml").write_text(yaml.safe_dump(value))
+    with pytest.raises(InvalidRequestError) as caught:
+        load_settings([], tmp_path)
+    assert caught.value.param == field
+
+
+def test_the_ui_cannot_switch_exposure_on(tmp_path):
+    app = App.create(Settings(), tmp_path)
+    with pytest.raises(InvalidRequestError, match="command line"):
+        app.update_settings(listen=True)
+    with pytest.raises(InvalidRequestError, match="command line"):
+        app.update_settings(trust_remote_code=True)
+    assert app.update_settings(theme="dark").theme == "dark"

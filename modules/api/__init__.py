@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI
 
 from modules.api import internal_routes, kobold_routes, openai_routes
 from modules.api.auth import require_key
 from modules.api.errors import install_error_handlers
 from modules.api.state import ApiState, get_state
+from modules.web_guard import WebGuard, policy_for
 
 if TYPE_CHECKING:
     import uvicorn
@@ -28,12 +30,21 @@ if TYPE_CHECKING:
 __all__ = ["ApiState", "create_app", "get_state", "serve_in_thread"]
 log = logging.getLogger(__name__)
 
+CONTROL_THREADS = 40
+"""Threadpool room kept for quick calls (token counts, stop, model info) beyond the generations."""
+
 
 def create_app(app: App) -> FastAPI:
     """The FastAPI application over `app`; /docs shows the OpenAPI page."""
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+        # Every generation waiting in the queue holds a threadpool thread (its stream blocks in
+        # one); room for all of them plus the token counts, stops and model info that must
+        # still answer at once (anyio's default of 40 was exhausted by 40 waiting streams).
+        settings = app.settings
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, settings.max_queue + 2 * settings.parallel + CONTROL_THREADS)
         yield
         # Shutting down: stop what the API started; the App itself belongs to server.py.
         api.state.api.active.cancel_all()
@@ -52,6 +63,9 @@ def create_app(app: App) -> FastAPI:
         # Preflight (OPTIONS) is answered by the middleware before auth runs, as browsers need.
         api.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
                            allow_credentials=origins != ["*"])
+    # Added last, so it runs first: Host, Origin and body size are checked before CORS, routing,
+    # body parsing and the key.
+    api.add_middleware(WebGuard, policy=policy_for(app.settings, "api"))
     return api
 
 

@@ -7,7 +7,7 @@ import hmac
 from fastapi import Request
 
 from modules.api.errors import ApiError
-from modules.api.state import get_state
+from modules.api.state import get_state, presented_key
 
 
 def require_key(request: Request) -> None:
@@ -15,11 +15,8 @@ def require_key(request: Request) -> None:
     key = get_state(request).app.settings.api_key
     if not key:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer":
-        given = request.headers.get("x-api-key", "")
+    given = presented_key(request)
     # compare_digest takes as long for a wrong first byte as a wrong last one (no timing oracle).
-    if not hmac.compare_digest(given.strip().encode("utf-8"), key.encode("utf-8")):
+    if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), key.encode("utf-8")):
         raise ApiError("invalid API key: send it as 'Authorization: Bearer KEY'", 401, "authentication_error",
                        code="invalid_api_key")

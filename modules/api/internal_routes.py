@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from modules.api.completions import chat_prompt
 from modules.api.logits import top_logprobs
 from modules.api.schemas import ChatCompletionRequest, DecodeRequest, EncodeRequest, LoadModelRequest, LogitsRequest
-from modules.api.state import get_state
+from modules.api.state import caller_of, get_state
 from modules.errors import InvalidRequestError
 
 router = APIRouter(prefix="/v1/internal", tags=["Internal (ooba)"])
@@ -89,4 +89,6 @@ def chat_prompt_route(body: ChatCompletionRequest, request: Request) -> dict[str
 
 @router.post("/stop-generation")
 def stop_generation(request: Request) -> dict[str, Any]:
-    return {"status": "OK", "stopped": get_state(request).app.generator.cancel_all()}
+    """Stop the API generations of the caller's key (every API generation when no key is set);
+    the web UI's generations are never touched."""
+    return {"status": "OK", "stopped": get_state(request).active.cancel_caller(caller_of(request).key_id)}

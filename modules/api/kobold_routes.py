@@ -7,9 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from modules.api.schemas import KoboldGenerateRequest, KoboldTokenCountRequest
-from modules.api.state import ApiState, Run, get_state
+from modules.api.state import ApiState, Run, caller_of, get_state
 from modules.api.streaming import drain, kobold_event, sse_response
 
 router = APIRouter(tags=["KoboldAI"])
@@ -25,8 +26,18 @@ def _context_length(state: ApiState) -> int:
     return model.info.context_length if model else 0
 
 
-def _start(state: ApiState, body: KoboldGenerateRequest) -> Run:
-    return state.run(body.to_sampling_params(state.default_params(body.max_tokens_given())))
+class KoboldAbortRequest(BaseModel):
+    """POST /api/extra/abort: `genkey` names the one generation to stop (KoboldCpp's multiuser mode)."""
+
+    model_config = ConfigDict(extra="allow")
+    genkey: str | None = Field(default=None, max_length=256)
+
+
+def _start(request: Request, body: KoboldGenerateRequest) -> Run:
+    state = get_state(request)
+    genkey = (body.model_extra or {}).get("genkey")
+    caller = caller_of(request, genkey if isinstance(genkey, str) and genkey else None)
+    return state.run(body.to_sampling_params(state.default_params(body.max_tokens_given())), caller)
 
 
 def _tokens(run: Run, prompt: str) -> Iterator[dict[str, Any]]:
@@ -63,14 +74,14 @@ def max_length(request: Request) -> dict[str, Any]:
 
 @router.post("/api/v1/generate")
 async def generate(body: KoboldGenerateRequest, request: Request) -> dict[str, Any]:
-    run = _start(get_state(request), body)
+    run = _start(request, body)
     last = await drain(request, lambda: run.result(body.prompt), run.cancel)
     return {"results": [{"text": last.text, "finish_reason": last.finish_reason}]}
 
 
 @router.post("/api/extra/generate/stream", response_model=None)
 async def generate_stream(body: KoboldGenerateRequest, request: Request) -> Response:
-    run = _start(get_state(request), body)
+    run = _start(request, body)
     return sse_response(request, _tokens(run, body.prompt), run.cancel, encode=kobold_event, done=None)
 
 
@@ -81,8 +92,11 @@ def token_count(body: KoboldTokenCountRequest, request: Request) -> dict[str, An
 
 
 @router.post("/api/extra/abort")
-def abort(request: Request) -> dict[str, Any]:
-    get_state(request).app.generator.cancel_all()
+def abort(request: Request, body: KoboldAbortRequest | None = None) -> dict[str, Any]:
+    """Stop the caller's generation named by `genkey`, or all of the caller's API generations
+    without one; never another caller's, nor the web UI's."""
+    caller = caller_of(request)
+    get_state(request).active.cancel_caller(caller.key_id, body.genkey if body else None)
     return {"success": True, "done": True}
 
 

@@ -7,16 +7,18 @@ same path the UI takes, so a later hook registry in the engine applies to both f
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
 from modules.api.embeddings import Embedder
-from modules.generation import GenerationChunk, Stream
+from modules.generation import GenerationChunk, Reservation, Stream
 from modules.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -26,24 +28,42 @@ DEFAULT_MAX_TOKENS = 512
 """max_new_tokens when a request names none (ooba's default), capped to half the context."""
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request, for stopping only what they started: the key they presented (hashed:
+    the key itself is never kept) and KoboldCpp's `genkey` when the request named one."""
+
+    key_id: str
+    genkey: str | None = None
+
+
 class ActiveStreams:
-    """The generations the API started and that are still running; stop-generation cancels them."""
+    """The generations the API started and that are still running, with who started them;
+    stop-generation and Kobold's abort cancel the caller's own."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._streams: set[Stream] = set()
+        self._streams: dict[Stream, Caller | None] = {}
 
-    def add(self, stream: Stream) -> None:
+    def add(self, stream: Stream, caller: Caller | None = None) -> None:
         with self._lock:
-            self._streams.add(stream)
+            self._streams[stream] = caller
 
     def discard(self, stream: Stream) -> None:
         with self._lock:
-            self._streams.discard(stream)
+            self._streams.pop(stream, None)
 
     def cancel_all(self) -> int:
+        """Every API generation (shutdown, model unload)."""
+        return self._cancel(lambda caller: True)
+
+    def cancel_caller(self, key_id: str, genkey: str | None = None) -> int:
+        """The generations of the caller with this key; with `genkey`, only that one request."""
+        return self._cancel(lambda c: c is not None and c.key_id == key_id and (genkey is None or c.genkey == genkey))
+
+    def _cancel(self, match: Callable[[Caller | None], bool]) -> int:
         with self._lock:
-            streams = list(self._streams)
+            streams = [stream for stream, caller in self._streams.items() if match(caller)]
         for stream in streams:
             stream.cancel()
         return len(streams)
@@ -89,13 +109,30 @@ class ApiState:
         window = self.app.models.require().info.context_length
         return SamplingParams(max_new_tokens=max(1, min(DEFAULT_MAX_TOKENS, window // 2)))
 
-    def run(self, params: SamplingParams) -> Run:
-        return Run(self, params)
+    def run(self, params: SamplingParams, caller: Caller | None = None) -> Run:
+        """A Run holding a place in the engine's wait queue (QueueFullError when there is none)."""
+        return Run(self, params, caller)
 
 
 def get_state(request: Request) -> ApiState:
     """The ApiState of the FastAPI app serving `request`."""
     return request.app.state.api
+
+
+def caller_of(request: Request, genkey: str | None = None) -> Caller:
+    """The caller of `request`: the key it presented, hashed (every caller when no key is set
+    shares one id: with no key there is no telling callers apart)."""
+    presented = presented_key(request)
+    key_id = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).hexdigest()[:16] if presented else "anonymous"
+    return Caller(key_id, genkey)
+
+
+def presented_key(request: Request) -> str:
+    """The API key a request carries: `Authorization: Bearer KEY`, else `x-api-key`."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        given = request.headers.get("x-api-key", "")
+    return given.strip()
 
 
 class Run:
@@ -105,12 +142,17 @@ class Run:
     the flag covers a cancel that lands before the stream exists.
     """
 
-    def __init__(self, state: ApiState, params: SamplingParams) -> None:
+    def __init__(self, state: ApiState, params: SamplingParams, caller: Caller | None = None) -> None:
         self.state = state
         self.params = params
+        self.caller = caller
         self._current: Stream | None = None
         self._live: Iterator[GenerationChunk] | None = None
         self._cancelled = threading.Event()
+        # The place in the queue is taken now, so a full queue is a 429 before any byte is sent;
+        # a Run dropped unused gives it back.
+        self._reservation: Reservation | None = state.app.generator.reserve()
+        weakref.finalize(self, self._reservation.release)
 
     def chunks(self, prompt: str | list[int], params: SamplingParams | None = None,
                hook_state: dict[str, Any] | None = None) -> Iterator[GenerationChunk]:
@@ -126,10 +168,13 @@ class Run:
                 hook_state: dict[str, Any] | None) -> Iterator[GenerationChunk]:
         started, first = time.perf_counter(), None
         chat = hook_state is not None
+        reservation, self._reservation = self._reservation, None
         stream = self.state.app.generator.submit(prompt, params or self.params,
-                                                 state=hook_state if chat else {"is_api": True}, is_chat=chat)
+                                                 state=hook_state if chat else {"is_api": True}, is_chat=chat,
+                                                 owner=f"api:{self.caller.key_id}" if self.caller else "api",
+                                                 reservation=reservation)
         self._current = stream
-        self.state.active.add(stream)
+        self.state.active.add(stream, self.caller)
         if self._cancelled.is_set():
             stream.cancel()
         try:
@@ -153,6 +198,8 @@ class Run:
     def cancel(self) -> None:
         """Stop the generation (within one token) and let its last chunk be read and recorded."""
         self._cancelled.set()
+        if self._reservation is not None:
+            self._reservation.release()
         if self._current is not None:
             self._current.cancel()
         if self._live is not None:

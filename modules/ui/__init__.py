@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from modules.app import App
 from modules.ui import (
@@ -22,6 +23,7 @@ from modules.ui import (
     session_tab,
 )
 from modules.ui.common import default_params
+from modules.web_guard import UI_MAX_UPLOAD_MIB, WebGuard, policy_for
 
 TITLE = "LLM Workbench"
 
@@ -48,10 +50,15 @@ def create_ui(app: App) -> gr.Blocks:
 
 
 def launch_options(app: App | None = None) -> dict[str, Any]:
-    """Options that gradio 6 takes in launch() rather than Blocks(): theme, and the
-    enabled extensions' custom_css / custom_js."""
-    options: dict[str, Any] = {"theme": gr.themes.Soft(), "show_error": True}
+    """Options that gradio 6 takes in launch() rather than Blocks(): theme, the upload cap,
+    and with an App the web guard and the enabled extensions' custom_css / custom_js."""
+    options: dict[str, Any] = {"theme": gr.themes.Soft(), "show_error": True,
+                               "max_file_size": f"{UI_MAX_UPLOAD_MIB}mb"}
     if app is not None:
+        # The same guard as the API's (Host allowlist, no cross-site requests, body cap),
+        # inside gradio's own app so it runs before any of its routes.
+        guard = Middleware(WebGuard, policy=policy_for(app.settings, "ui"))
+        options["app_kwargs"] = {"middleware": [guard]}
         if css := extensions_ui.css(app):
             options["css"] = css
         if js := extensions_ui.js(app):

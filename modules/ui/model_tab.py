@@ -9,6 +9,7 @@ import gradio as gr
 
 from modules.app import App
 from modules.errors import WorkbenchError
+from modules.settings import CLI_ONLY
 from modules.ui import download_panel
 from modules.ui.components import setting_component
 
@@ -29,12 +30,17 @@ def create_ui(app: App) -> None:
     groups, inputs, names_by_loader = {}, [], {}
     initial = _chosen_loader(app, app.models.name, AUTO)
     for status in statuses:
+        # The exposure switches (remote code, pickles) are command-line only: shown, not editable.
+        editable = tuple(n for n in status.option_names if n not in CLI_ONLY)
         with gr.Group(visible=status.name == initial) as group:
             if not status.available:
                 gr.Markdown(f"**Unavailable:** {status.reason}")
-            inputs.extend(_option_grid(app, status.option_names))
+            inputs.extend(_option_grid(app, editable))
+            fixed = [n for n in status.option_names if n in CLI_ONLY]
+            if fixed:
+                gr.Markdown(_cli_only_note(app, fixed))
         groups[status.name] = group
-        names_by_loader[status.name] = status.option_names
+        names_by_loader[status.name] = editable
     with gr.Row():
         load = gr.Button("Load", variant="primary")
         unload = gr.Button("Unload")
@@ -44,7 +50,7 @@ def create_ui(app: App) -> None:
     with gr.Accordion("Download a model", open=False):
         downloaded = download_panel.create_ui(app)
 
-    option_names = [n for s in statuses for n in s.option_names]
+    option_names = [n for names in names_by_loader.values() for n in names]
     group_list = list(groups.values())
 
     def on_pick(name: str | None, loader_name: str) -> list[Any]:
@@ -119,6 +125,11 @@ def _option_grid(app: App, names: tuple[str, ...], per_row: int = 4) -> list[Any
             for name in boxes:
                 built[name] = setting_component(name, getattr(app.settings, name))
     return [built[n] for n in names]
+
+
+def _cli_only_note(app: App, names: list[str]) -> str:
+    shown = ", ".join(f"`--{n.replace('_', '-')}` {'on' if getattr(app.settings, n) else 'off'}" for n in names)
+    return f"{shown} (set on the command line or in CMD_FLAGS.txt only)"
 
 
 def _saved(app: App, name: str | None) -> dict[str, Any]:

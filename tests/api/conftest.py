@@ -13,10 +13,13 @@ from modules.api import create_app
 from modules.app import App
 from tests.fakes import EOS, FakeLoader, script_text
 
+LOCAL = "http://127.0.0.1:5000"
+"""What a local client calls: TestClient's default Host, testserver, is refused by the Host check."""
+
 
 @pytest.fixture
 def client(app: App) -> Iterator[TestClient]:
-    with TestClient(create_app(app), raise_server_exceptions=False) as c:
+    with TestClient(create_app(app), base_url=LOCAL, raise_server_exceptions=False) as c:
         yield c
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,9 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from modules.api import create_app
-from tests.api.conftest import sse_payloads
+from tests.api.conftest import LOCAL, sse_payloads
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "sillytavern"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "sillytavern"
+"""Bodies captured from SillyTavern (copied from the team's shared fixtures: the repo is self-contained)."""
 ROUTES = {
     "ooba_v1_completions.json": "/v1/completions",
     "ooba_v1_completions_stream.json": "/v1/completions",
@@ -95,8 +97,9 @@ def test_kobold_info_routes(client, model):
 
 
 def test_api_key_is_required_and_cors_preflight_passes(app, model):
-    app.update_settings(api_key="sekrit", api_cors_origins="http://localhost:8000")
-    with TestClient(create_app(app)) as client:
+    # Flags as given on the command line (update_settings refuses the exposure switches).
+    app.settings = dataclasses.replace(app.settings, api_key="sekrit", api_cors_origins="http://localhost:8000")
+    with TestClient(create_app(app), base_url=LOCAL) as client:
         assert client.get("/v1/models").status_code == 401
         assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).json()["error"]["type"] == \
             "authentication_error"
