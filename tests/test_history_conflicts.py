@@ -170,6 +170,40 @@ def test_many_threads_saving_copies_of_one_chat_lose_nothing(store, root):
     assert not [p for p in (root / "Alice").iterdir() if p.name.endswith(".tmp")]
 
 
+def test_threads_reopening_the_shared_chat_before_each_message_lose_nothing(store, root):
+    """Tabs that reload the chat before each message keep colliding on the same file."""
+    original = saved_chat(store)
+    threads_n, saves_n = 4, 30
+    landed: dict[str, str] = {}  # message -> the chat id its save landed in
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads_n)
+
+    def tab(n: int) -> None:
+        try:
+            start.wait()
+            for i in range(saves_n):
+                chat = store.load("Alice", original.id)
+                text = f"tab {n} message {i}"
+                chat.messages.append(Message("user", text))
+                store.save(chat)
+                landed[text] = chat.id
+        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=tab, args=(n,)) for n in range(threads_n)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == [] and len(landed) == threads_n * saves_n
+    on_disk = all_contents(root)
+    for text, chat_id in landed.items():
+        assert text in on_disk[chat_id]
+    in_original = [t for t, chat_id in landed.items() if chat_id == original.id]
+    assert sorted(on_disk[original.id][2:]) == sorted(in_original)  # nothing it held was overwritten
+    assert set(on_disk) == set(landed.values())
+
+
 def test_a_save_by_another_process_during_the_write_is_caught_before_the_rename(root, clock, monkeypatch):
     """Two stores on one folder are two processes: no shared lock, only the re-check on disk."""
     ours, theirs = HistoryStore(root, now=clock), HistoryStore(root, now=clock)
