@@ -29,6 +29,7 @@ from modules.errors import (
     ModelNotLoadedError,
 )
 from modules.paths import atomic_write_text, safe_join
+from modules.safe_yaml import load_yaml_file
 from modules.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class ModelManager:
         if not path.is_file():
             return {}
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = load_yaml_file(path, PER_MODEL_FILE, "model") or {}
         except (OSError, yaml.YAMLError) as exc:
             raise InvalidRequestError(f"{PER_MODEL_FILE} cannot be read: {exc}", "model") from None
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):

@@ -21,6 +21,7 @@ import yaml
 
 from modules.errors import InvalidRequestError, NotFoundError
 from modules.paths import atomic_write_text, check_name, safe_join
+from modules.safe_yaml import load_yaml_file
 from modules.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class PresetStore:
         if not path.is_file():
             raise PresetNotFoundError(f"no preset named {name!r} in {self.folder.name}/", "preset")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = load_yaml_file(path, f"preset {name!r}", "preset") or {}
         except yaml.YAMLError as exc:
             raise InvalidRequestError(f"preset {name!r} is not valid YAML: {exc}", "preset") from None
         if not isinstance(data, dict):

@@ -23,6 +23,7 @@ from modules.chat import cards
 from modules.chat.types import Character, Persona
 from modules.errors import InvalidRequestError, NotFoundError, UnsafePathError
 from modules.paths import MAX_NAME_LENGTH, atomic_write_bytes, atomic_write_text, check_name, safe_join
+from modules.safe_yaml import check_size, load_yaml
 
 YAML_SUFFIXES = (".yaml", ".yml")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -74,9 +75,11 @@ def dump_yaml(data: dict[str, Any]) -> str:
 
 
 def _parse_yaml(text: bytes, shown: str) -> dict[str, Any]:
-    """A mapping from YAML bytes; InvalidRequestError naming `shown` when it is not one."""
+    """A mapping from YAML bytes; InvalidRequestError naming `shown` when it is not one
+    (or when it is too large, nests too deep or uses anchors: see modules.safe_yaml)."""
+    check_size(len(text), shown, param="file")
     try:
-        data = yaml.safe_load(text.decode("utf-8-sig"))
+        data = load_yaml(text.decode("utf-8-sig"), shown, param="file")
     except UnicodeDecodeError as error:
         raise InvalidRequestError(f"{shown} is not UTF-8 text: {error}", param="file") from error
     except yaml.YAMLError as error:
@@ -204,6 +207,7 @@ class _YamlFolder:
         if path is None:
             return None
         shown = f"{self.folder.name}/{path.name}"
+        check_size(path.stat().st_size, shown, param="file")  # before reading it
         return _parse_yaml(path.read_bytes(), shown), shown
 
     def _missing(self, name: str) -> NotFoundError:
