@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import mmap
 import os
-import struct
 import sys
 import tempfile
 import threading
@@ -30,6 +28,7 @@ from loaders import gguf_main_file, register_loader
 from loaders.base import Capabilities, LoaderBase, ModelInfo, TokenLogprobs
 from loaders.llama_cpp_sampler import ChainContext, build_sampler_chain
 from loaders.llama_cpp_slots import SlotEngine, context_params_for_slots
+from modules import gguf_header
 from modules.errors import (
     BackendMissingError,
     GenerationError,
@@ -517,74 +516,11 @@ def _load_failure_message(gguf_path: Path, exc: Exception, log: list[tuple[int, 
 
 
 # --- GGUF header -----------------------------------------------------------------------------
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
     """The key/value header of a GGUF file: scalars and strings (arrays are skipped).
 
-    Cheap (the file is memory-mapped and the tensors are never read) and strict: a file
-    that does not start with b"GGUF" or whose header is cut short raises ModelLoadError,
-    before llama.cpp ever sees it.
+    Cheap (memory-mapped, tensors never read) and strict: a file that is not GGUF, or whose
+    header is damaged, cut short or over a budget, raises ModelLoadError before llama.cpp
+    ever sees it (see modules.gguf_header.read_header).
     """
-    invalid = f"{path.name} is not a valid GGUF file"
-    try:
-        with path.open("rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ModelLoadError(f"{invalid} (it does not start with the GGUF magic bytes)")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                return _parse_gguf_header(mm, invalid)
-    except OSError as exc:
-        raise ModelLoadError(f"{path.name} cannot be read: {exc}") from exc
-
-
-def _parse_gguf_header(mm: mmap.mmap, invalid: str) -> dict[str, Any]:
-    pos = 4
-
-    def take(fmt: str) -> Any:
-        nonlocal pos
-        value = struct.unpack_from(fmt, mm, pos)[0]
-        pos += struct.calcsize(fmt)
-        return value
-
-    def take_string() -> str:
-        nonlocal pos
-        length = take("<Q")
-        if pos + length > len(mm):
-            raise struct.error("string past the end of the file")
-        pos += length
-        return mm[pos - length : pos].decode("utf-8", errors="replace")
-
-    def take_value(kind: int) -> Any:
-        nonlocal pos
-        if kind in _GGUF_SCALARS:
-            return take(_GGUF_SCALARS[kind])
-        if kind == _GGUF_STRING:
-            return take_string()
-        if kind == _GGUF_ARRAY:
-            item_kind, count = take("<I"), take("<Q")
-            if item_kind in _GGUF_SCALARS:  # fixed size: jump over the lot
-                pos += count * struct.calcsize(_GGUF_SCALARS[item_kind])
-            else:
-                for _ in range(count):
-                    take_value(item_kind)
-            return None
-        raise struct.error(f"unknown value type {kind}")
-
-    try:
-        version = take("<I")
-        if version not in (2, 3):
-            raise ModelLoadError(f"{invalid} (GGUF version {version} is not supported)")
-        _n_tensors, n_kv = take("<Q"), take("<Q")
-        header: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = take_string()
-            value = take_value(take("<I"))
-            if value is not None:
-                header[key] = value
-            if pos > len(mm):
-                raise struct.error("header past the end of the file")
-        return header
-    except (struct.error, IndexError, OverflowError) as exc:
-        raise ModelLoadError(f"{invalid} (its header is damaged or cut short)") from exc
+    return gguf_header.read_header(path)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from modules import gguf_header
 
 MIB = 2**20
 GIB = 2**30
@@ -165,62 +166,16 @@ def gguf_shards(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f"{prefix}-*-of-*.gguf")) or [path]
 
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
 def parse_gguf_prefix(data: bytes) -> dict[str, Any]:
-    """The key/values readable from the first bytes of a GGUF (arrays skipped, their length kept).
+    """The key/values readable from the first bytes of a GGUF (arrays skipped; `_vocab_count`
+    is the tokenizer.ggml.tokens length when that array is whole).
 
     Tolerant on purpose: the downloader reads only a prefix of a remote file with a Range
     request, so a header cut short returns what was read so far (architecture numbers come
-    before the big tokenizer arrays). Not a GGUF: an empty dict.
+    before the big tokenizer arrays). Not a GGUF: an empty dict. Never raises; counts and
+    depths are bounded (see modules.gguf_header.read_header_prefix).
     """
-    if data[:4] != b"GGUF":
-        return {}
-    out: dict[str, Any] = {}
-    pos = 4 + 4 + 8  # magic, version, tensor count
-
-    def take(fmt: str) -> Any:
-        nonlocal pos
-        value = struct.unpack_from(fmt, data, pos)[0]
-        pos += struct.calcsize(fmt)
-        return value
-
-    def value(kind: int) -> Any:
-        nonlocal pos
-        if kind in _SCALARS:
-            return take(_SCALARS[kind])
-        if kind == 8:
-            n = take("<Q")
-            pos += n
-            if pos > len(data):
-                raise struct.error("cut")
-            return data[pos - n : pos].decode("utf-8", "replace")
-        if kind == 9:
-            item, count = take("<I"), take("<Q")
-            if item in _SCALARS:
-                pos += count * struct.calcsize(_SCALARS[item])
-            else:
-                for _ in range(count):
-                    value(item)
-            return ("array", count)
-        raise struct.error(f"unknown kind {kind}")
-
-    try:
-        n_kv = take("<Q")
-        for _ in range(n_kv):
-            key = value(8)
-            got = value(take("<I"))
-            if pos > len(data):
-                break
-            if isinstance(got, tuple):
-                if key == "tokenizer.ggml.tokens":
-                    out["_vocab_count"] = got[1]
-            else:
-                out[key] = got
-    except (struct.error, UnicodeDecodeError):
-        pass
-    return out
+    return gguf_header.read_header_prefix(data)
 
 
 # --- Transformers -----------------------------------------------------------------------------
