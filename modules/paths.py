@@ -17,7 +17,19 @@ from modules.errors import UnsafePathError
 
 MAX_NAME_LENGTH = 200
 """Characters in one name; file systems allow 255 bytes, and a suffix may be added."""
-_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+# Windows' reserved device names ("Naming Files, Paths, and Namespaces", learn.microsoft.com):
+# CON PRN AUX NUL, COM0-9 and LPT0-9 including the superscripts 1-3 (the ANSI code page
+# maps them to digits), and the console devices CONIN$ and CONOUT$ that Windows 11 opens
+# as devices. CLOCK$ is a DOS-era device NT no longer reserves; refused anyway, it costs nothing.
+# Each is a device with any extension too (NUL.txt, NUL.tar.gz) and with spaces before the dot.
+_PORT_DIGITS = "0123456789\u00b9\u00b2\u00b3"
+_WINDOWS_DEVICES = frozenset({
+    "con", "prn", "aux", "nul", "conin$", "conout$", "clock$",
+    *(f"com{d}" for d in _PORT_DIGITS), *(f"lpt{d}" for d in _PORT_DIGITS),
+})
+# Characters Windows refuses anywhere in a name (besides / \\ and the colon, refused with
+# their own reasons); on Linux they are legal, so a folder written there would not copy over.
+_WINDOWS_FORBIDDEN = frozenset('<>"|?*')
 _PERCENT_ESCAPE = re.compile(r"%[0-9a-fA-F]{2}")
 
 
@@ -26,8 +38,9 @@ def check_name(name: object, what: str = "name") -> str:
 
     Refused: empty or over-long names, path separators (/ and \\), `.` and `..`, NUL and
     control characters, drive letters and other colons, percent-escapes (a URL-encoded
-    `../` must not turn into one later), names ending in a dot or space, and Windows
-    device names (CON, NUL, COM1...).
+    `../` must not turn into one later), names ending in a dot or space, the characters
+    Windows refuses (< > " | ? *), and Windows device names with or without an extension
+    (CON, nul.txt, COM1, COM\u00b9, CONIN$...).
     """
     if not isinstance(name, str) or not name.strip():
         raise UnsafePathError(f"the {what} must be a non-empty name", what)
@@ -49,6 +62,8 @@ def _name_problem(name: str) -> str | None:
         return "it contains a control character"
     if ":" in name:
         return "it contains a colon (drive letters and streams are not allowed)"
+    if forbidden := sorted(set(name) & _WINDOWS_FORBIDDEN):
+        return f"it contains {' '.join(forbidden)} (not allowed in file names on Windows)"
     if _PERCENT_ESCAPE.search(name):
         return "it contains a URL-encoded character"
     if name != name.rstrip(". "):

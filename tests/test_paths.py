@@ -68,3 +68,45 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["chat.json"]
+
+
+# Windows' reserved names (learn.microsoft.com, "Naming Files, Paths, and Namespaces"):
+# a device stays a device with an extension and with spaces before the dot.
+_DEVICES = ["CON", "PRN", "AUX", "NUL", "COM0", "COM9", "LPT0", "LPT9", "COM\u00b9", "COM\u00b2", "COM\u00b3",
+            "LPT\u00b9", "LPT\u00b2", "LPT\u00b3", "CONIN$", "CONOUT$", "CLOCK$"]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("shape", ["{}", "{}.txt", "{} .txt", "{}.tar.gz", "{}  .yaml"])
+def test_windows_device_names_are_refused_in_every_case_and_with_an_extension(device, shape):
+    for name in {shape.format(device), shape.format(device.lower()), shape.format(device.title())}:
+        with pytest.raises(UnsafePathError, match="reserved device name"):
+            check_name(name)
+
+
+@pytest.mark.parametrize("device", ["CON", "COM\u00b9", "CONIN$"])
+def test_a_device_name_with_a_trailing_space_or_dot_is_refused(device):
+    for name in (device + " ", device + ".", device + " . "):
+        with pytest.raises(UnsafePathError):
+            check_name(name)
+
+
+@pytest.mark.parametrize("char", list('<>"|?*'))
+def test_characters_windows_refuses_are_refused_anywhere(char):
+    for name in (char, f"a{char}b", f"{char}name", f"name{char}", f"name.{char}ext"):
+        with pytest.raises(UnsafePathError, match="not allowed in file names on Windows"):
+            check_name(name)
+
+
+@pytest.mark.parametrize("name", ["COM10", "LPT\u2074", "COM\u00b9x", "CONSOLE", "console.txt", "nullable", "Clock",
+                                  "AUXILIARY.yaml", "CON$", "CONIN", "x.CON", "_CON", "My CON", "$", "a$b"])
+def test_names_that_only_look_like_devices_are_fine(name):
+    assert check_name(name) == name
+
+
+def test_imported_card_names_lose_the_characters_windows_refuses():
+    from modules.chat.characters import safe_import_name
+
+    assert safe_import_name('Who? <The "Boss"> | *') == "Who_ _The _Boss__ _ _"
+    assert safe_import_name("COM\u00b9") == "_COM\u00b9"
+    assert safe_import_name("conin$.txt") == "_conin$.txt"

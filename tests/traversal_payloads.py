@@ -29,4 +29,18 @@ TRAVERSAL_PAYLOADS: list[str] = [
     "trailing.",
     "sub/dir",
     "\\\\server\\share",
+    # Windows device names: the superscript ports, the console devices, with an extension
+    # and with spaces before the dot, and the characters Windows refuses in any name.
+    "COM\u00b9",
+    "lpt\u00b3.txt",
+    "CONIN$",
+    "conout$.log",
+    "NUL .txt",
+    "Aux.tar.gz",
+    "a<b",
+    "a>b",
+    'say "hi"',
+    "x|y",
+    "why?",
+    "*.yaml",
 ]

@@ -387,15 +387,16 @@ class CharacterStore(_YamlFolder):
         return cards.write_card_png(cards.character_to_card(character), image)
 
 
-_UNSAFE_IN_NAME = re.compile(r"[/\\:\x00-\x1f\x7f]|%(?=[0-9a-fA-F]{2})")
+_UNSAFE_IN_NAME = re.compile(r"[/\\:<>\"|?*\x00-\x1f\x7f]|%(?=[0-9a-fA-F]{2})")
 
 
 def safe_import_name(name: str) -> str:
     """A name from a card made acceptable to check_name, or FALLBACK_IMPORT_NAME.
 
     Cards come from anywhere and "AC/DC" is a fair character name, so instead of refusing
-    we replace separators, colons, control characters and percent-escapes with "_", drop
-    leading and trailing dots and spaces, shorten it, and prefix Windows device names.
+    we replace separators, colons, the other characters Windows refuses (< > " | ? *),
+    control characters and percent-escapes with "_", drop leading and trailing dots and
+    spaces, shorten it, and prefix Windows device names.
     """
     cleaned = " ".join(_UNSAFE_IN_NAME.sub("_", name).split())
     cleaned = cleaned[: MAX_NAME_LENGTH - 20].strip(". ")  # room for " (12)" and ".yaml"
