@@ -83,6 +83,10 @@ class ModelManager:
         self._model: LoadedModel | None = None
         self._name: str | None = None
         self.report: LoadReport | None = None
+        # Serialises the read-modify-write of config-user.yaml: two saves at once (two
+        # browser tabs, the UI and the API) would otherwise each write back what they read
+        # and one of them would be lost.
+        self._settings_lock = threading.Lock()
 
     # --- discovery -------------------------------------------------------------------
     def list_models(self) -> list[str]:
@@ -146,10 +150,11 @@ class ModelManager:
         self.path_of(name)
         if loader is not None:
             loaders.get_loader(loader)
-        data = self._read_per_model()
-        data[name] = {**({"loader": loader} if loader else {}), **options}
         path = self.models_dir / PER_MODEL_FILE
-        atomic_write_text(path, yaml.safe_dump(data, sort_keys=True, allow_unicode=True))
+        with self._settings_lock:
+            data = self._read_per_model()
+            data[name] = {**({"loader": loader} if loader else {}), **options}
+            atomic_write_text(path, yaml.safe_dump(data, sort_keys=True, allow_unicode=True))
         return path
 
     def _read_per_model(self) -> dict[str, Any]:

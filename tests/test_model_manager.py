@@ -79,3 +79,37 @@ def test_a_broken_per_model_file_is_a_clear_error(app):
     (app.models.models_dir / "config-user.yaml").write_text("- not a mapping\n")
     with pytest.raises(InvalidRequestError, match="config-user.yaml"):
         app.models.saved_settings("fake.gguf")
+
+
+def test_concurrent_saves_of_per_model_settings_lose_none(app, monkeypatch):
+    """Save settings is a read-modify-write of config-user.yaml: without the lock, saves that
+    overlap each write back what they read and all but one are lost."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [f"m{i}.gguf" for i in range(8)]
+    for name in names:
+        (app.models.models_dir / name).write_bytes(b"GGUF")
+    read = app.models._read_per_model
+
+    def slow_read():
+        data = read()
+        time.sleep(0.02)  # widen the window between reading the file and writing it back
+        return data
+
+    monkeypatch.setattr(app.models, "_read_per_model", slow_read)
+    start = threading.Barrier(len(names))
+
+    def save(i, name):
+        start.wait(10)
+        return app.models.save_settings(name, "fake", {"ctx_size": 64 + i})
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        futures = [pool.submit(save, i, name) for i, name in enumerate(names)]
+        for future in futures:
+            future.result(10)  # re-raises what a thread raised
+    monkeypatch.undo()
+    for i, name in enumerate(names):
+        assert app.models.saved_settings(name) == {"loader": "fake", "ctx_size": 64 + i}
+
