@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from modules.errors import InvalidRequestError
+from modules.safe_yaml import load_yaml_file
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +263,11 @@ def read_settings_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml_file(path, path.name, "settings") or {}
     except yaml.YAMLError as exc:
         raise InvalidRequestError(f"{path.name} is not valid YAML: {exc}", "settings") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"{path.name} cannot be read: {exc}", "settings") from None
     if not isinstance(data, dict):
         raise InvalidRequestError(f"{path.name} must hold a mapping of setting: value", "settings")
     return data

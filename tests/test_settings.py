@@ -124,3 +124,9 @@ def test_the_ui_cannot_switch_exposure_on(tmp_path):
     with pytest.raises(InvalidRequestError, match="command line"):
         app.update_settings(trust_remote_code=True)
     assert app.update_settings(theme="dark").theme == "dark"
+
+
+def test_a_settings_file_with_yaml_aliases_is_refused(tmp_path):
+    (tmp_path / "settings.yaml").write_text("a: &a [1, 2]\nb: *a\n")
+    with pytest.raises(InvalidRequestError, match="aliases"):
+        load_settings([], tmp_path)
