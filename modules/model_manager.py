@@ -30,7 +30,7 @@ from modules.errors import (
 )
 from modules.paths import atomic_write_text, safe_join
 from modules.safe_yaml import load_yaml_file
-from modules.settings import Settings
+from modules.settings import CLI_ONLY, Settings, check_option
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class ModelManager:
         path = self.models_dir / PER_MODEL_FILE
         with self._settings_lock:
             data = self._read_per_model()
-            data[name] = {**({"loader": loader} if loader else {}), **options}
+            data[name] = {**({"loader": loader} if loader else {}), **_checked(options)}
             atomic_write_text(path, yaml.safe_dump(data, sort_keys=True, allow_unicode=True))
         return path
 
@@ -191,7 +191,7 @@ class ModelManager:
         if missing:
             raise BackendMissingError(missing)
         known = {f.name for f in dataclasses.fields(cls.options_class)}
-        options = self._options_for(cls, {**{k: v for k, v in saved.items() if k in known}, **(overrides or {})})
+        options = self._options_for(cls, {**self._checked_saved(name, saved, known), **_checked(overrides or {})})
         with self._exclusive():
             self.unload()
             ram0, gpu0 = _ram_bytes(), _gpu_bytes()
@@ -207,6 +207,22 @@ class ModelManager:
             )
         log.info(self.report.summary())
         return self.report
+
+    @staticmethod
+    def _checked_saved(name: str, saved: dict[str, Any], known: set[str]) -> dict[str, Any]:
+        """The saved options this loader takes, each checked; exposure switches found in the
+        file are ignored (with a warning), never applied."""
+        out = {}
+        for key, value in saved.items():
+            if key not in known:
+                continue
+            if key in CLI_ONLY:
+                if value:  # older versions saved the switch off with every model: nothing to say then
+                    log.warning("%s: ignoring %s saved for %s (command line or CMD_FLAGS.txt only)",
+                                PER_MODEL_FILE, key, name)
+                continue
+            out[key] = check_option(key, value)
+        return out
 
     def _options_for(self, cls: type, overrides: dict[str, Any]) -> Any:
         names = {f.name for f in dataclasses.fields(cls.options_class)}
@@ -271,6 +287,12 @@ class ModelManager:
             with self._lock:
                 self._users -= 1
                 self._idle.notify_all()
+
+
+def _checked(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Options from the Model tab or an API request, each type- and bounds-checked (4xx naming
+    the field); the exposure switches are refused."""
+    return {key: check_option(key, value) for key, value in overrides.items()}
 
 
 def _is_later_shard(name: str) -> bool:

@@ -113,3 +113,28 @@ def test_concurrent_saves_of_per_model_settings_lose_none(app, monkeypatch):
     for i, name in enumerate(names):
         assert app.models.saved_settings(name) == {"loader": "fake", "ctx_size": 64 + i}
 
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"ctx_size": "big"}, "ctx_size"), ({"ctx_size": 10**12}, "ctx_size"), ({"ctx_size": True}, "ctx_size"),
+    ({"ctx_size": -1}, "ctx_size"),
+])
+def test_load_options_from_the_ui_or_api_are_type_checked_and_bounded(app, overrides, field):
+    with pytest.raises(InvalidRequestError) as caught:
+        app.models.load("fake.gguf", loader="fake", overrides=overrides)
+    assert caught.value.param == field and app.models.current is None
+    with pytest.raises(InvalidRequestError):
+        app.models.save_settings("fake.gguf", "fake", overrides)
+
+
+def test_remote_code_and_pickles_cannot_be_switched_on_by_a_request_or_a_saved_file(app, caplog):
+    from modules.settings import check_option
+
+    for name in ("trust_remote_code", "allow_pickle", "listen", "api_cors_origins"):
+        with pytest.raises(InvalidRequestError, match="command line") as caught:
+            check_option(name, True)
+        assert caught.value.param == name
+    (app.models.models_dir / "config-user.yaml").write_text(
+        "fake.gguf:\n  loader: fake\n  ctx_size: 96\n  trust_remote_code: true\n")
+    checked = app.models._checked_saved("fake.gguf", app.models.saved_settings("fake.gguf"),
+                                        {"ctx_size", "trust_remote_code"})
+    assert checked == {"ctx_size": 96} and "ignoring trust_remote_code" in caplog.text
