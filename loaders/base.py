@@ -12,6 +12,7 @@ else.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from modules.errors import ContextLengthExceededError, InvalidRequestError
 from modules.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,16 @@ class TokenLogprobs:
     logprob: float
     top: tuple[tuple[int, float], ...]
     """(token id, log-probability) pairs, most likely first."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generation step: the sampled token id and, when logprobs were asked for and the
+    loader declares the `logprobs` capability, its numbers (they travel together: no side
+    channel, whatever thread consumes the step)."""
+
+    token: int
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass
@@ -113,6 +126,41 @@ def check_prompt_ids(prompt_ids: Sequence[int], context_length: int, vocab_size:
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary (0-{vocab_size - 1})", "prompt")
+
+
+MAX_AUTO_CONTEXT = 8192
+"""The longest context taken automatically (a larger one must be asked for: its KV cache can
+take more memory than the weights)."""
+FALLBACK_CONTEXT = 2048
+"""The context of a model that does not say what it was trained on."""
+
+
+def auto_context(requested: int, trained: int | None) -> int:
+    """The one auto-context rule, for every loader and the memory estimate: the requested
+    length when one is given (> 0), else the model's trained context capped at MAX_AUTO_CONTEXT,
+    else FALLBACK_CONTEXT."""
+    if requested > 0:
+        return requested
+    return min(trained, MAX_AUTO_CONTEXT) if trained and trained > 0 else FALLBACK_CONTEXT
+
+
+def within_vocabulary(params: SamplingParams, vocab_size: int) -> SamplingParams:
+    """The one policy for token ids in `logit_bias` and `custom_token_bans`: ids outside
+    `range(vocab_size)` are dropped (with a warning in the log) before any backend sees them,
+    so every loader answers such a request the same way (200).
+
+    Why drop rather than refuse: the clients that send these (SillyTavern's banned tokens and
+    biases, OpenAI-tuned code) compute ids with their own tokenizer guess; an id this model
+    does not have cannot be sampled anyway, and refusing would fail a whole chat over it
+    (llama.cpp's server drops them too)."""
+    bias = {tid: v for tid, v in params.logit_bias.items() if 0 <= tid < vocab_size}
+    bans = [tid for tid in params.custom_token_bans if 0 <= tid < vocab_size]
+    if len(bias) == len(params.logit_bias) and len(bans) == len(params.custom_token_bans):
+        return params
+    dropped = sorted({*params.logit_bias, *params.custom_token_bans} - {*bias, *bans})
+    log.warning("ignoring token ids outside the vocabulary (0-%d) in logit_bias/custom_token_bans: %s",
+                vocab_size - 1, dropped[:10])
+    return params.replace(logit_bias=bias, custom_token_bans=bans)
 
 
 def concurrency_of(model: object) -> int:
