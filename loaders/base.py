@@ -1,8 +1,11 @@
 """The one small protocol every backend implements.
 
 A loader class is registered by name; `load(path, options)` returns a loaded model that
-can encode, decode, stream token ids for a prompt and unload itself. Capabilities are data
-on the class, so the engine and the UI never branch on which loader it is.
+can encode, decode, stream steps (a token id with its log-probabilities) for a prompt and
+unload itself. Capabilities and parallelism are declared data, so the engine and the UI
+never branch on which loader it is. The policies every loader shares live here too: the
+prompt check, the auto-context rule and the out-of-vocabulary rule for bias and bans.
+tests/test_loader_contract.py checks every available loader against this contract.
 
 Loaders import their backend library (torch, llama_cpp, ...) inside `load()` only, and
 never import the engine: they see sampler parameters and errors from layer 0 and nothing
@@ -81,9 +84,19 @@ class ModelInfo:
 
 @runtime_checkable
 class LoadedModel(Protocol):
-    """A model in memory, ready to generate."""
+    """A model in memory, ready to generate: everything the engine relies on is declared here.
+
+    `capabilities` and `parallel` are data the engine reads as they are (never a lookup by
+    class or a getattr default): a capability the loader lacks is refused by name the same
+    way for every loader, and `parallel` generations run at once.
+    """
 
     info: ModelInfo
+    capabilities: Capabilities
+    """What it honours (normally the loader class's own, see Loader.capabilities)."""
+    parallel: int
+    """How many `generate()` calls it serves at once, each consumed in its own thread: its
+    batch slots, 1 when it does not batch."""
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; special-token text such as `<|im_end|>` is parsed as such."""
@@ -95,21 +108,27 @@ class LoadedModel(Protocol):
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event
-    ) -> Iterator[int]:
-        """Yield sampled token ids, one per step, after evaluating `prompt_ids`.
+    ) -> Iterator[Step]:
+        """Yield one Step per sampled token, after evaluating `prompt_ids`.
 
         Honours every sampler in `params` the loader declares, the seed, logit bias, token
-        bans and `ban_eos_token` (EOS is masked). It yields EOS like any other token: the
-        caller decides to stop. When `params.logprobs` is N > 0 and the loader declares the
-        `logprobs` capability, its `last_logprobs` attribute holds the TokenLogprobs (top N)
-        of the token just yielded, read by the caller before it asks for the next one (in the
-        consuming thread: a loader with `parallel` > 1 keeps it per thread). It returns when `stop_event` is set (checked before each
-        step) or when the context window is full. The caller may close it at any time.
+        bans and `ban_eos_token` (EOS is masked); the engine has already dropped ids outside
+        the vocabulary from the bias and the bans (`within_vocabulary`). It yields EOS like
+        any other token: the caller decides to stop. When `params.logprobs` is N > 0 and the
+        loader declares the `logprobs` capability, each step carries the token's
+        TokenLogprobs (its raw log-probability and the top N, most likely first); otherwise
+        `step.logprobs` is None. The numbers travel in the step itself, so a loader with
+        `parallel` > 1 needs no per-thread state. Raises InvalidRequestError for an empty
+        prompt (or ids outside the vocabulary) and ContextLengthExceededError for one longer
+        than the context (see check_prompt_ids). It returns when `stop_event` is set (checked
+        before each step) or when the context window is full. The caller may close it at
+        any time.
         """
         ...
 
     def unload(self) -> None:
-        """Free the weights (and GPU memory) now rather than at garbage collection."""
+        """Free the weights (and GPU memory) now rather than at garbage collection; later
+        calls raise ModelNotLoadedError."""
         ...
 
 
@@ -163,14 +182,9 @@ def within_vocabulary(params: SamplingParams, vocab_size: int) -> SamplingParams
     return params.replace(logit_bias=bias, custom_token_bans=bans)
 
 
-def concurrency_of(model: object) -> int:
-    """How many `generate()` calls `model` serves at once, each consumed in its own thread.
-
-    A loader that batches concurrent requests sets an int attribute `parallel` (its slot
-    count); the generator then runs that many requests side by side. Without it, one.
-    """
-    value = getattr(model, "parallel", 1)
-    return value if isinstance(value, int) and value > 1 else 1
+def concurrency_of(model: LoadedModel | None) -> int:
+    """How many generations run at once on `model` (its declared `parallel`); 1 without a model."""
+    return max(1, model.parallel) if model is not None else 1
 
 
 class Loader(Protocol):
@@ -197,6 +211,8 @@ class LoaderBase:
     name: ClassVar[str]
     package: ClassVar[str]
     install_hint: ClassVar[str]
+    parallel: int = 1
+    """See LoadedModel.parallel: a loader that batches sets it on the instance at load."""
 
     @classmethod
     def unavailable_reason(cls) -> str | None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from loaders import gguf_main_file, register_loader
-from loaders.base import Capabilities, LoaderBase, ModelInfo, TokenLogprobs
+from loaders.base import Capabilities, LoaderBase, ModelInfo, Step, auto_context
 from loaders.llama_cpp_sampler import ChainContext, build_sampler_chain
 from loaders.llama_cpp_slots import SlotEngine, context_params_for_slots
 from modules import gguf_header
@@ -38,12 +38,8 @@ from modules.errors import (
 )
 from modules.sampling import SAMPLER_NAMES, SamplingParams
 
-#: ctx_size 0 takes the trained context, capped: a 128k-token KV cache would not fit.
-MAX_AUTO_CONTEXT = 8192
 #: The context Llama itself is built with; generation never uses it.
 SMALL_CONTEXT = 256
-#: Used when the GGUF file does not say how long its context is.
-FALLBACK_CONTEXT = 2048
 #: Slots one context may hold (llama.cpp's LLAMA_MAX_SEQ is 256; past this the KV cache
 #: of even a small model runs to many GB).
 MAX_PARALLEL = 64
@@ -124,15 +120,6 @@ class LlamaCppLoader(LoaderBase):
         # Guards the vocabulary and the engine's lifetime: tokenizer calls (allowed during
         # a generation), new generations and unload() never overlap.
         self._vocab_lock = threading.Lock()
-        self._local = threading.local()
-
-    @property
-    def last_logprobs(self) -> TokenLogprobs | None:
-        """This thread's last yielded token's log-probabilities, when its request asked for them."""
-        return getattr(self._local, "logprobs", None)
-
-    def _set_logprobs(self, numbers: TokenLogprobs | None) -> None:
-        self._local.logprobs = numbers
 
     @property
     def last_reused_tokens(self) -> int:
@@ -184,15 +171,20 @@ class LlamaCppLoader(LoaderBase):
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; special-token text such as `<|im_end|>` becomes that token.
 
-        BOS is added only when asked and the model wants one, and never twice (a prompt
-        rendered from a template often starts with the BOS text already).
+        BOS is added only when asked and the model wants one, and never twice: a prompt
+        rendered from a chat template usually starts with the BOS text already, and is then
+        tokenized without adding one (adding it and dropping the copy afterwards would make
+        llama.cpp warn about "2 BOS tokens" on every chat message).
         """
+        bos_text = self.info.bos_token
+        if add_bos and bos_text and text.startswith(bos_text):
+            add_bos = False
         with self._vocab_lock:
             llm = self._require_loaded()
             ids: list[int] = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
         bos = self.info.bos_token_id
         if add_bos and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-            del ids[0]
+            del ids[0]  # defence: a start that tokenized to BOS without being its text
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
@@ -221,8 +213,8 @@ class LlamaCppLoader(LoaderBase):
         raise GenerationError(f"llama.cpp could not detokenize {len(ids)} tokens")
 
     # --- generation ------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event) -> Iterator[int]:
-        """Yield sampled token ids after evaluating `prompt_ids` (see LoadedModel.generate).
+    def generate(self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event) -> Iterator[Step]:
+        """Yield a Step per sampled token after evaluating `prompt_ids` (see LoadedModel.generate).
 
         The request goes to the free slot whose KV cache keeps most of the prompt (the next
         chat turn evaluates only its new tokens; a chat cut to fit is shifted, not rebuilt)
@@ -235,8 +227,7 @@ class LlamaCppLoader(LoaderBase):
             if engine is None:
                 raise ModelNotLoadedError(f"{self.info.name} has been unloaded")
             chain = self._new_chain(params, prompt_ids)
-        yield from engine.generate(prompt_ids, chain, stop_event, params.max_new_tokens, params.logprobs,
-                                   self._set_logprobs)
+        yield from engine.generate(prompt_ids, chain, stop_event, params.max_new_tokens, params.logprobs)
 
     def _new_chain(self, params: SamplingParams, prompt_ids: Sequence[int]) -> Any:
         try:
@@ -318,7 +309,7 @@ def llama_kwargs(gguf_path: Path, options: LlamaCppOptions, header: dict[str, An
     kwargs: dict[str, Any] = dict(
         model_path=str(gguf_path),
         n_gpu_layers=options.n_gpu_layers,
-        n_ctx=options.ctx_size or min(trained_context(header) or FALLBACK_CONTEXT, MAX_AUTO_CONTEXT),
+        n_ctx=auto_context(options.ctx_size, trained_context(header)),
         n_threads=threads,
         n_threads_batch=options.threads_batch or threads,
         n_batch=options.batch_size,

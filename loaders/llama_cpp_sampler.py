@@ -94,8 +94,9 @@ def _fill_chain(lib: Any, chain: Any, facts: ChainContext, params: SamplingParam
 def logit_bias_entries(params: SamplingParams, facts: ChainContext) -> dict[int, float]:
     """Token id -> bias: `logit_bias`, then `custom_token_bans` and `ban_eos_token` as bans.
 
-    Ids outside the vocabulary are dropped (as llama-server does): clients such as
-    SillyTavern compute bans with their own tokenizer guess.
+    The policy for ids outside the vocabulary is loaders.base.within_vocabulary, which the
+    generator applies (with a warning) before any loader sees the params; the bounds check
+    here is only defence for a direct caller, since llama.cpp would index past its arrays.
     """
     ban = GRAMMAR_SAFE_BAN if params.grammar_string else -math.inf
     entries: dict[int, float] = {}

@@ -9,7 +9,8 @@ cancelled) between steps, so a long generation never holds the others up, and 8 
 cost far less than 8 times one on a CPU or GPU (the weights are read once per step).
 
 The consumer side (`SlotEngine.generate`) runs in the caller's thread: it hands a request
-to the engine and yields the tokens the engine sends back, so the generator's own loop
+to the engine and yields the steps (token and, when asked, its log-probabilities) the
+engine sends back, so the generator's own loop
 (detokenising, stop strings) runs beside the decode loop rather than between its steps.
 
 A new request goes to the free slot whose cache keeps the most of its prompt (its last
@@ -24,11 +25,11 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from loaders.base import TokenLogprobs, check_prompt_ids
+from loaders.base import Step, TokenLogprobs, check_prompt_ids
 from loaders.kv_reuse import MIN_SHIFT_TOKENS, ReusePlan, plan_reuse
 from modules.errors import GenerationError, ModelNotLoadedError
 
@@ -114,8 +115,9 @@ class SlotEngine:
 
     # --- the consumer side (caller's thread) ---------------------------------------------
     def generate(self, prompt: list[int], chain: Any, stop_event: threading.Event, max_tokens: int,
-                 want_logprobs: int, on_logprobs: Callable[[TokenLogprobs | None], None]) -> Iterator[int]:
-        """Yield the request's sampled tokens; `on_logprobs` receives each token's numbers first.
+                 want_logprobs: int) -> Iterator[Step]:
+        """Yield the request's steps: each sampled token with, when `want_logprobs` > 0, its
+        raw log-probability and top `want_logprobs` alternatives.
 
         The engine owns `chain` from here on and frees it when the request ends: the
         consumer may leave while the engine thread is still sampling with it.
@@ -140,14 +142,11 @@ class SlotEngine:
                     raise item
                 if stop_event.is_set() or self._closed:  # nothing decoded ahead is handed out after a stop
                     return
-                token, numbers = item
                 with self._cond:
                     req.taken += 1
                     req.last_taken = time.monotonic()
                     self._cond.notify_all()
-                if want_logprobs:
-                    on_logprobs(numbers)
-                yield token
+                yield item
         finally:
             with self._cond:
                 req.closed = True
@@ -334,7 +333,7 @@ class SlotEngine:
             if req.want_logprobs else None
         req.sampled += 1
         req.last_sent = time.monotonic()
-        req.out.put((token, numbers))
+        req.out.put(Step(token, numbers))
         slot = req.slot
         assert slot is not None
         full = len(slot.tokens) >= self.n_ctx_slot

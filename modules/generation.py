@@ -6,8 +6,9 @@ run at once as the loaded model has slots (`parallel`, see loaders/base.py); the
 batches them into shared decode steps, the rest wait their turn in arrival order. The
 non-streaming call drains the same stream.
 
-The token loop lives in `_run`: it truncates the prompt to fit, asks the loader for
-token ids, turns them into text with IncrementalDetokenizer (never half a character),
+The token loop lives in `_run`: it drops token ids the model does not have from the bias
+and bans (`within_vocabulary`, the one policy), truncates the prompt to fit, asks the
+loader for steps (token id and, when asked, its log-probabilities), turns them into text with IncrementalDetokenizer (never half a character),
 cuts at stop strings with StopMatcher (never leaked), and honours cancel, EOS,
 max_new_tokens and the context window.
 
@@ -30,8 +31,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from loaders.base import LoadedModel, concurrency_of
-from modules.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
+from loaders.base import LoadedModel, Step, concurrency_of, within_vocabulary
+from modules.errors import ContextLengthExceededError, GenerationError, InvalidRequestError, QueueFullError
 from modules.extensions import ExtensionRegistry, make_state
 from modules.model_manager import ModelManager
 from modules.sampling import SamplingParams
@@ -336,6 +337,7 @@ class Generator:
         if params.seed is None:
             params = params.replace(seed=random.randrange(2**31))
         _check_capabilities(model, params)
+        params = within_vocabulary(params, model.info.vocab_size)
         ids, dropped = fit_prompt(model, job.prompt, params)
         if log.isEnabledFor(logging.DEBUG):  # --verbose: show exactly what the model sees
             log.debug("prompt (%d tokens, %d cut):\n%s", len(ids), dropped, model.decode(ids, skip_special=False))
@@ -346,16 +348,16 @@ class Generator:
         stopper = StopMatcher(params.stop)
         text, count, finish = "", 0, None
         pending: list[TokenLogprob] = []
-        tokens = model.generate(ids, params, job.cancel)
+        steps = model.generate(ids, params, job.cancel)
         try:
-            for token in tokens:
-                if token in eos:
+            for step in steps:
+                if step.token in eos:
                     finish = FINISH_STOP
                     break
                 count += 1
                 if params.logprobs:
-                    pending.append(_describe(model, token))
-                delta, hit = stopper.feed(detok.add(token))
+                    pending.append(_describe(model, step))
+                delta, hit = stopper.feed(detok.add(step.token))
                 if delta:
                     text += delta
                     yield GenerationChunk(delta, text, len(ids), count, None, params.seed, dropped, tuple(pending))
@@ -369,7 +371,7 @@ class Generator:
                 if finish:
                     break
         finally:
-            tokens.close()  # type: ignore[attr-defined]
+            steps.close()  # type: ignore[attr-defined]
         if finish is None:  # the loader returned: cancelled, or the context window is full
             finish = FINISH_CANCELLED if job.cancel.is_set() else FINISH_LENGTH
         tail = "" if stopper.matched else _release(detok, stopper)
@@ -471,10 +473,12 @@ def _modify_output(hooks: _Hooks, chunk: GenerationChunk) -> GenerationChunk:
     return replace(chunk, delta=delta, text=text, original=chunk.text)
 
 
-def _describe(model: LoadedModel, token: int) -> TokenLogprob:
-    """The loader's numbers for the token it just yielded, with token ids turned into text."""
-    numbers = model.last_logprobs  # type: ignore[attr-defined]
-    text = model.decode([token], skip_special=False)
+def _describe(model: LoadedModel, step: Step) -> TokenLogprob:
+    """The step's numbers, with token ids turned into text."""
+    numbers = step.logprobs
+    if numbers is None:  # a loader declaring the capability broke its contract
+        raise GenerationError(f"the {model.info.loader} loader yielded a token without the logprobs it was asked for")
+    text = model.decode([step.token], skip_special=False)
     top = tuple((model.decode([t], skip_special=False), lp) for t, lp in numbers.top)
     return TokenLogprob(text, numbers.logprob, top)
 
@@ -511,7 +515,8 @@ def fit_prompt(model: LoadedModel, prompt: str | list[int], params: SamplingPara
 
 
 def _check_capabilities(model: LoadedModel, params: SamplingParams) -> None:
-    caps = type(model).capabilities  # type: ignore[attr-defined]
+    """Refuse, by name, what the model's declared capabilities exclude; warn about ignored samplers."""
+    caps = model.capabilities
     if params.grammar_string and not caps.grammar:
         raise InvalidRequestError(
             f"the {model.info.loader} loader does not support grammars; use a GGUF model with llama.cpp",

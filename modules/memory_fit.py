@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loaders.base import auto_context
 from modules import gguf_header
 
 MIB = 2**20
@@ -148,12 +149,13 @@ def estimate_gguf(file_size: int, shape: ModelShape, n_ctx: int, cache_type: str
 
 
 def estimate_gguf_file(path: Path, n_ctx: int = 0, cache_type: str = "f16", slots: int = 1) -> MemoryEstimate:
-    """`estimate_gguf` for a local file (all shards of a split GGUF counted); n_ctx 0 = trained, capped at 8192."""
+    """`estimate_gguf` for a local file (all shards of a split GGUF counted); n_ctx 0 = what the
+    loader takes (loaders.base.auto_context: trained, capped at 8192, else 2048)."""
     with path.open("rb") as f:
         header = parse_gguf_prefix(f.read(16 * MIB))
     shape = shape_from_gguf(header)
     size = sum(p.stat().st_size for p in gguf_shards(path))
-    return estimate_gguf(size, shape, n_ctx or min(shape.context_train or 4096, 8192), cache_type, slots)
+    return estimate_gguf(size, shape, auto_context(n_ctx, shape.context_train), cache_type, slots)
 
 
 def gguf_shards(path: Path) -> list[Path]:
@@ -227,7 +229,7 @@ def estimate_hf_folder(folder: Path, n_ctx: int = 0, dtype: str = "auto", slots:
         weights = int(stored * per / DTYPE_BYTES.get(stored_dtype, per))
     else:
         weights = stored or int(config_parameter_count(config) * per)
-    ctx = n_ctx or min(shape.context_train or 4096, 8192)
+    ctx = auto_context(n_ctx, shape.context_train)
     kv_type = "f32" if per >= 4 else "f16"
     return MemoryEstimate(weights=weights, kv_cache=slots * kv_cache_bytes(shape, ctx, kv_type),
                           overhead=TRANSFORMERS_BASE_BYTES, n_ctx=ctx, layers=shape.layers, kv_known=shape.known,

@@ -41,7 +41,7 @@ def both(tiny_kit):
 
 def greedy(model, ids, n=32):
     params = SamplingParams(temperature=0, max_new_tokens=n, ban_eos_token=True)
-    return list(itertools.islice(model.generate(ids, params, threading.Event()), n))
+    return [step.token for step in itertools.islice(model.generate(ids, params, threading.Event()), n)]
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -69,11 +69,8 @@ def test_both_loaders_report_the_same_raw_logprobs(both):
     params = SamplingParams(temperature=0, max_new_tokens=4, logprobs=5, ban_eos_token=True)
     seen = []
     for model in (cpp, hf):
-        steps = []
-        for token in itertools.islice(model.generate(ids, params, threading.Event()), 4):
-            numbers = model.last_logprobs
-            steps.append((token, numbers))
-        seen.append(steps)
+        seen.append([(step.token, step.logprobs)
+                     for step in itertools.islice(model.generate(ids, params, threading.Event()), 4)])
     for (tok_a, a), (tok_b, b) in zip(*seen, strict=True):
         assert tok_a == tok_b
         assert a.top[0][0] == tok_a  # greedy: the sampled token is the most likely one

@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from modules.errors import ContextLengthExceededError, ModelNotLoadedError
+from loaders.base import TokenLogprobs, concurrency_of
+from modules.errors import ContextLengthExceededError, InvalidRequestError, ModelNotLoadedError
 from modules.sampling import SamplingParams
 from tests.fakes import BOS, EOS, script_text
 
@@ -231,3 +232,39 @@ def test_a_load_waits_for_every_running_request(app, fake):
     for reader in readers:
         last = list(reader)[-1]
         assert last.text == "x" * 30 and last.finish_reason == "length"
+
+
+# --- the loader contract as the engine uses it -------------------------------------------
+def test_chunks_carry_the_logprobs_their_steps_brought(app, fake):
+    fake.script = script_text("ab") + [EOS]
+    fake.report_logprobs([TokenLogprobs(-0.5, ((ord("a"), -0.5), (ord("z"), -1.5))),
+                          TokenLogprobs(-2.0, ((ord("y"), -0.1), (ord("b"), -2.0)))])
+    chunks, last = collect(app, params=GREEDY.replace(logprobs=2))
+    steps = [lp for c in chunks for lp in c.logprobs]
+    assert [(s.text, s.logprob, s.top) for s in steps] == [
+        ("a", -0.5, (("a", -0.5), ("z", -1.5))), ("b", -2.0, (("y", -0.1), ("b", -2.0)))]
+    assert len(steps) == last.completion_tokens == 2
+
+
+def test_logprobs_from_a_loader_without_the_capability_are_refused_by_name(app, fake):
+    fake.script = script_text("ab")
+    with pytest.raises(InvalidRequestError, match="fake loader cannot report token probabilities") as err:
+        app.generator.generate("hi", GREEDY.replace(logprobs=1))
+    assert err.value.param == "logprobs"
+    assert fake.seen_prompts == []  # refused before the loader saw it
+
+
+def test_token_ids_outside_the_vocabulary_are_dropped_once_with_a_warning(app, fake, caplog):
+    fake.script = script_text("abc") + [EOS]  # the fake refuses out-of-vocabulary ids outright
+    params = GREEDY.replace(logit_bias={ord("x"): 2.0, 10**6: 5.0}, custom_token_bans=[ord("b"), 258])
+    with caplog.at_level("WARNING", logger="loaders.base"):
+        assert app.generator.generate("hi", params).text == "ac"  # the in-vocabulary ban holds
+    seen = fake.seen_params[-1]
+    assert seen.logit_bias == {ord("x"): 2.0} and seen.custom_token_bans == [ord("b")]
+    assert any("outside the vocabulary" in r.getMessage() and "1000000" in r.getMessage() for r in caplog.records)
+
+
+def test_concurrency_is_the_declared_parallel(app, fake):
+    assert concurrency_of(fake) == 1 and concurrency_of(None) == 1
+    fake.parallel = 4
+    assert concurrency_of(fake) == 4

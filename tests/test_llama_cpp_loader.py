@@ -42,8 +42,8 @@ def take(model: LlamaCppLoader, ids: list[int], params: SamplingParams, n: int =
     """The first `n` tokens of a generation (the generator is closed after)."""
     out: list[int] = []
     gen = model.generate(ids, params, threading.Event())
-    for token in gen:
-        out.append(token)
+    for step in gen:
+        out.append(step.token)
         if len(out) >= n:
             break
     gen.close()
@@ -135,6 +135,27 @@ def test_encode_decode_round_trip(q8: LlamaCppLoader) -> None:
     assert q8.encode(text, add_bos=False) == ids[1:]
     # A prompt that already starts with the BOS text gets no second BOS.
     assert q8.encode("<s>" + text) == ids
+
+
+def test_a_prompt_starting_with_the_bos_text_gets_one_bos_and_no_warning(q8: LlamaCppLoader) -> None:
+    """A rendered chat prompt carries the BOS text: llama.cpp must not be asked to add
+    another (it would log "... 2 BOS tokens" on every chat message)."""
+    import llama_cpp
+
+    from loaders.llama_cpp import _captured_llama_log
+
+    bos = q8.info.bos_token_id
+    rendered = "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    with _captured_llama_log(llama_cpp) as log:
+        ids = q8.encode(rendered)
+        plain = q8.encode("hi")
+    assert ids.count(bos) == 1 and ids[0] == bos
+    assert ids == q8.encode(rendered[len("<s>"):])  # the same ids as BOS added to the rest
+    assert plain[0] == bos and plain.count(bos) == 1
+    assert not [text for _, text in log if "BOS" in text], log
+    with _captured_llama_log(llama_cpp) as log:  # the check itself sees llama.cpp's warning
+        q8._llm.tokenize(rendered.encode(), add_bos=True, special=True)
+    assert any("2 BOS tokens" in text for _, text in log)
 
 
 def test_decode_marks_incomplete_utf8(q8: LlamaCppLoader) -> None:
@@ -235,7 +256,7 @@ def test_stop_event_stops_within_one_token(q8: LlamaCppLoader) -> None:
     ids = q8.encode(PROMPT)
     stop = threading.Event()
     gen = q8.generate(ids, GREEDY, stop)
-    next(gen)
+    assert next(gen).logprobs is None  # not asked for
     stop.set()
     assert list(gen) == []
     assert list(q8.generate(ids, GREEDY, stop)) == []  # set before the start: nothing at all

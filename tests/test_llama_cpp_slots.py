@@ -48,7 +48,7 @@ def options(**changes: object) -> LlamaCppOptions:
 
 def run(model: LlamaCppLoader, ids: list[int], params: SamplingParams = GREEDY,
         stop: threading.Event | None = None) -> list[int]:
-    return list(model.generate(ids, params, stop or threading.Event()))
+    return [step.token for step in model.generate(ids, params, stop or threading.Event())]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def concurrently(model: LlamaCppLoader, prompts: list[list[int]], params: Sampli
     def worker(i: int) -> None:
         try:
             barrier.wait()
-            for token in model.generate(prompts[i], params, threading.Event()):
-                out[i].append(token)
+            for step in model.generate(prompts[i], params, threading.Event()):
+                out[i].append(step.token)
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             errors.append(exc)
 
@@ -104,9 +104,9 @@ def test_a_request_joins_while_others_run(single: LlamaCppLoader, four: LlamaCpp
     first_ids, late_ids = single.encode(PROMPTS[0]), single.encode(PROMPTS[2])
     want_first, want_late = run(single, first_ids, long), run(single, late_ids)
     first = four.generate(first_ids, long, threading.Event())
-    got_first = [next(first) for _ in range(10)]  # running, mid-generation
+    got_first = [next(first).token for _ in range(10)]  # running, mid-generation
     assert run(four, late_ids) == want_late
-    got_first += list(first)
+    got_first += [step.token for step in first]
     assert got_first == want_first
 
 
@@ -115,10 +115,10 @@ def test_cancelling_one_request_leaves_the_others_running(single: LlamaCppLoader
     want = [run(single, i) for i in ids]
     stop = threading.Event()
     gens = [four.generate(i, GREEDY, stop if n == 1 else threading.Event()) for n, i in enumerate(ids)]
-    got: list[list[int]] = [[next(g)] for g in gens]
+    got: list[list[int]] = [[next(g).token] for g in gens]
     stop.set()
     for n, g in enumerate(gens):
-        got[n] += list(g)
+        got[n] += [step.token for step in g]
     assert got[0] == want[0] and got[2] == want[2]
     assert len(got[1]) < len(want[1])
     closed = four.generate(ids[0], GREEDY, threading.Event())
@@ -141,16 +141,17 @@ def test_each_chat_returns_to_the_slot_that_holds_its_cache(four: LlamaCppLoader
             assert four.last_reused_tokens >= previous - 1, (n, four.last_reused_tokens, previous)
 
 
-def test_logprobs_belong_to_the_thread_that_reads_them(single: LlamaCppLoader, four: LlamaCppLoader) -> None:
+def test_each_step_carries_its_own_requests_logprobs(single: LlamaCppLoader, four: LlamaCppLoader) -> None:
+    """Requests batched side by side get the numbers they get alone, each in its own steps."""
     params = GREEDY.replace(logprobs=3, max_new_tokens=12)
     ids = [single.encode(p) for p in PROMPTS[:3]]
 
     def numbers(model: LlamaCppLoader, prompt: list[int]) -> list[tuple[int, float]]:
         got = []
-        for token in model.generate(prompt, params, threading.Event()):
-            lp = model.last_logprobs
-            assert lp is not None and lp.top[0][0] == token  # greedy: the top token is the one taken
-            got.append((token, round(lp.logprob, 4)))
+        for step in model.generate(prompt, params, threading.Event()):
+            lp = step.logprobs
+            assert lp is not None and lp.top[0][0] == step.token  # greedy: the top token is the one taken
+            got.append((step.token, round(lp.logprob, 4)))
         return got
 
     want = [numbers(single, i) for i in ids]
@@ -289,8 +290,8 @@ def test_a_repeated_request_gives_its_first_answer_from_the_cache(tmp_path: Path
             runs = []
             for _ in range(2):
                 run_ = []
-                for token in model.generate(ids, params, threading.Event()):
-                    run_.append((token, model.last_logprobs.logprob))  # type: ignore[union-attr]
+                for step in model.generate(ids, params, threading.Event()):
+                    run_.append((step.token, step.logprobs.logprob))  # type: ignore[union-attr]
                 runs.append(run_)
             assert model.last_reused_tokens == len(ids) - 1
             assert runs[1] == runs[0], n
