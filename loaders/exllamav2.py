@@ -29,7 +29,6 @@ from __future__ import annotations
 import gc
 import glob
 import importlib.util
-import json
 import math
 import os
 import random
@@ -42,9 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from loaders import register_loader
-from loaders.base import Capabilities, LoaderBase, ModelInfo, TokenLogprobs, check_prompt_ids
+from loaders.base import FALLBACK_CONTEXT, Capabilities, LoaderBase, ModelInfo, Step, auto_context, check_prompt_ids
 from loaders.exllamav2_sampler import SamplerPlan, breaker_token_ids, sampler_settings
-from loaders.torch_samplers import apply_top_n_sigma
+from loaders.hf_folder import HfTokenizer, load_tokenizer, read_config, tokenizer_info
+from loaders.torch_samplers import apply_top_n_sigma, raw_logprobs, token_logprobs
 from modules.errors import (
     BackendMissingError,
     GenerationError,
@@ -68,8 +68,6 @@ CACHE_CLASSES = {
     "q6": "ExLlamaV2Cache_Q6",
     "q4": "ExLlamaV2Cache_Q4",
 }
-#: max_seq_len 0 takes the model's own context, capped: a 128k-token cache would not fit.
-MAX_AUTO_CONTEXT = 8192
 #: exllamav2's default (ExLlamaV2Config.max_input_len): tokens per forward pass at most.
 MAX_INPUT_LEN = 2048
 #: Quantisation methods exllamav2 0.3.2 reads (EXL2 tensors, GPTQ qweight/qzeros/scales).
@@ -173,7 +171,7 @@ def plan_load(options: ExLlamaV2Options, facts: FolderFacts) -> LoadPlan:
         if options.num_experts_per_token > facts.num_experts:
             raise UnsupportedOptionError(f"num_experts_per_token is {options.num_experts_per_token} but the "
                                          f"model has {facts.num_experts} experts")
-    seq_len = options.max_seq_len or min(facts.context_length, MAX_AUTO_CONTEXT)
+    seq_len = auto_context(options.max_seq_len, facts.context_length)  # 0: the model's own, capped
     config: dict[str, Any] = {
         "max_seq_len": seq_len,
         "max_input_len": min(MAX_INPUT_LEN, seq_len),
@@ -197,16 +195,7 @@ def read_folder_facts(path: Path) -> FolderFacts:
     Raises ModelLoadError (no config.json, no safetensors, no tokenizer.json) and
     UnsupportedOptionError (a quantisation exllamav2 cannot run, GPTQ other than 4-bit).
     """
-    if not path.is_dir():
-        raise ModelLoadError(f"{path.name} is not a model folder: exllamav2 loads folders with config.json")
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path.name} has no config.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path.name}/config.json cannot be read: {exc}") from None
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path.name}/config.json does not hold a JSON object")
+    config = read_config(path, "a Hugging Face model folder (exllamav2 loads folders with config.json)")
     if not any(path.glob("*.safetensors")):
         raise ModelLoadError(f"{path.name} has no .safetensors weights: exllamav2 reads safetensors only")
     if not (path / "tokenizer.json").is_file():
@@ -248,9 +237,10 @@ def _describe_quantization(name: str, quant: Any) -> tuple[str | None, str]:
 
 
 def _context_length(config: dict[str, Any], text: dict[str, Any]) -> int:
-    """The keys exllamav2's config.py reads for max_seq_len, in its order; 2048 without one."""
+    """The keys exllamav2's config.py reads for max_seq_len, in its order; the one fallback
+    (loaders.base.FALLBACK_CONTEXT, exllamav2's own 2048 too) without one."""
     keys = ("max_sequence_length", "model_max_length", "max_position_embeddings", "max_seq_len", "n_positions")
-    return _first_int(config, keys) or _first_int(text, keys) or 2048
+    return _first_int(config, keys) or _first_int(text, keys) or FALLBACK_CONTEXT
 
 
 def _first_int(config: dict[str, Any], keys: Sequence[str]) -> int | None:
@@ -312,17 +302,16 @@ class ExLlamaV2Loader(LoaderBase):
         self._model: Any = parts["model"]
         self._cache: Any = parts["cache"]
         self._exl_tokenizer: Any = parts["exl_tokenizer"]
-        self._tokenizer: Any = parts["tokenizer"]
         self.info = info
         # Ids past both vocabularies are padding rows of the head: never valid.
         self._valid_vocab = min(int(self._exl_tokenizer.get_vocab_size()), info.vocab_size)
+        self._tokens = HfTokenizer(parts["tokenizer"], name=info.name, bos_token_id=info.bos_token_id,
+                                   vocab_size=self._valid_vocab)
         self._cached: list[int] = []  # tokens whose keys/values are in the cache, in order
         self._epoch = 0
         self._lock = threading.Lock()
-        self._breaker_cache: dict[tuple[str, ...], set[int]] = {}
-        self._vocab_texts: list[str] | None = None
-        self.last_logprobs: TokenLogprobs | None = None
-        """The last yielded token's log-probabilities, when the request asked for them."""
+        self.parallel = 1
+        """One generation at a time (see loaders.base.concurrency_of): the cache has one owner."""
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -360,7 +349,7 @@ class ExLlamaV2Loader(LoaderBase):
             raise BackendMissingError(NEEDS_CUDA + f" (PyTorch {torch.__version__} sees no CUDA device)")
         try:
             parts = _load_parts(backend, path, plan)
-            tokenizer = _hf_tokenizer(path)
+            tokenizer = load_tokenizer(path, loader=cls.name)  # no remote code: exllamav2 needs tokenizer.json
         except WorkbenchError:
             raise
         except torch.cuda.OutOfMemoryError as exc:
@@ -376,28 +365,23 @@ class ExLlamaV2Loader(LoaderBase):
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; special-token text maps to the special token. BOS is
         prepended when `add_bos`, the model has one and the ids do not start with it."""
-        tokenizer = self._require(self._tokenizer)
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
-        bos = self.info.bos_token_id
-        if add_bos and bos is not None and ids[:1] != [bos]:
-            ids.insert(0, bos)
-        return ids
+        return self._tokens.encode(text, add_bos)
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of `ids`; an incomplete UTF-8 sequence comes back as U+FFFD."""
-        tokenizer = self._require(self._tokenizer)
-        return tokenizer.decode(
-            [int(i) for i in ids], skip_special_tokens=skip_special, clean_up_tokenization_spaces=False
-        )
+        return self._tokens.decode(ids, skip_special)
 
     # --- generation --------------------------------------------------------------------
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event
-    ) -> Iterator[int]:
-        """Yield sampled token ids after evaluating `prompt_ids` (see LoadedModel.generate).
+    ) -> Iterator[Step]:
+        """Yield a Step per sampled token after evaluating `prompt_ids` (see
+        LoadedModel.generate); with `params.logprobs` N > 0 each step carries its token's
+        TokenLogprobs (top N, from the raw logits).
 
-        Raises InvalidRequestError (empty prompt, ids outside the vocabulary, Mirostat 1,
-        bans of every token), ContextLengthExceededError, GenerationError (the GPU failed).
+        Raises InvalidRequestError (empty prompt, prompt ids outside the vocabulary,
+        Mirostat 1, bans of every token), ContextLengthExceededError, GenerationError (the
+        GPU failed).
         """
         self._require(self._model)
         self._check_prompt(prompt_ids)
@@ -418,19 +402,22 @@ class ExLlamaV2Loader(LoaderBase):
         last = prompt_ids[-1]
         while not stop_event.is_set() and self._epoch == epoch:
             logits = self._step(last)
-            token = self._sample(logits, settings, plan, history[:, :count], rng, params.logprobs)
-            history[0, count] = token
+            step = self._sample(logits, settings, plan, history[:, :count], rng, params.logprobs)
+            history[0, count] = step.token
             count += 1
-            yield token
+            yield step
             if count >= context:
                 return
-            last = token
+            last = step.token
 
     def _settings(self, plan: SamplerPlan) -> Any:
         """A fresh ExLlamaV2Sampler.Settings (it holds per-generation state: Mirostat, DRY)."""
         settings = self._sampler_class.Settings(**plan.settings)
         if plan.settings["dry_multiplier"] > 0:  # an empty set means no breakers; None, exllamav2's own
-            settings.dry_sequence_breakers = self._dry_breakers(plan.dry_breakers)
+            breakers = plan.dry_breakers
+            settings.dry_sequence_breakers = self._tokens.dry_breakers(
+                breakers, lambda _encode, texts: breaker_token_ids(breakers, texts)
+            )
         return settings
 
     def _prefill(self, prompt_ids: list[int], stop_event: threading.Event) -> bool:
@@ -472,12 +459,12 @@ class ExLlamaV2Loader(LoaderBase):
 
     def _sample(
         self, logits: Any, settings: Any, plan: SamplerPlan, sequence: Any, rng: random.Random, want: int
-    ) -> int:
-        """One token from (1, 1, vocab) logits with exllamav2's sampler (which edits them in place)."""
+    ) -> Step:
+        """One token from (1, 1, vocab) logits with exllamav2's sampler (which edits them in
+        place), with its raw logprobs (top `want`) when `want` > 0."""
         torch = self._torch
         valid = logits[0, 0, : self._valid_vocab]
-        if want:
-            raw = torch.log_softmax(valid.double(), dim=-1)
+        raw = raw_logprobs(valid, self._valid_vocab) if want else None
         if plan.top_n_sigma > 0:
             apply_top_n_sigma(valid, sequence, plan.top_n_sigma)
         if plan.token_bias and getattr(settings, "token_bias", None) is None:
@@ -493,19 +480,7 @@ class ExLlamaV2Loader(LoaderBase):
         finally:
             settings.dry_multiplier = dry
         tid = int(token[0, 0])
-        if want:
-            values, ids = raw.topk(min(want, raw.numel()))
-            self.last_logprobs = TokenLogprobs(float(raw[tid]), tuple(zip(ids.tolist(), values.tolist(), strict=True)))
-        return tid
-
-    def _dry_breakers(self, breakers: tuple[str, ...]) -> set[int]:
-        if breakers not in self._breaker_cache:
-            if len(self._breaker_cache) >= 64:
-                self._breaker_cache.clear()
-            if self._vocab_texts is None:
-                self._vocab_texts = _vocab_texts(self._require(self._tokenizer), self._valid_vocab)
-            self._breaker_cache[breakers] = breaker_token_ids(breakers, self._vocab_texts)
-        return self._breaker_cache[breakers]
+        return Step(tid, token_logprobs(raw, tid, want) if raw is not None else None)
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
         check_prompt_ids(prompt_ids, self.info.context_length, self._valid_vocab,
@@ -515,7 +490,8 @@ class ExLlamaV2Loader(LoaderBase):
     def unload(self) -> None:
         """Free the weights and the cache on every GPU now."""
         model, self._model, self._cache = self._model, None, None
-        self._tokenizer = self._exl_tokenizer = None
+        self._exl_tokenizer = None
+        self._tokens.close()
         self._cached = []
         if model is not None:
             model.unload()
@@ -572,15 +548,6 @@ def _load_parts(backend: dict[str, Any], path: Path, plan: LoadPlan) -> dict[str
     return {"config": config, "model": model, "cache": cache, "exl_tokenizer": exl.ExLlamaV2Tokenizer(config)}
 
 
-def _hf_tokenizer(path: Path) -> Any:
-    """The folder's Hugging Face tokenizer, offline (no remote code: exllamav2 needs tokenizer.json)."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as exc:
-        raise BackendMissingError("the exllamav2 loader needs transformers: pip install -r requirements.txt") from exc
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
 def _build_info(path: Path, facts: FolderFacts, plan: LoadPlan, parts: dict[str, Any],
                 backend: dict[str, Any]) -> ModelInfo:
     config, model, cache, tokenizer = parts["config"], parts["model"], parts["cache"], parts["tokenizer"]
@@ -597,12 +564,7 @@ def _build_info(path: Path, facts: FolderFacts, plan: LoadPlan, parts: dict[str,
         loader=ExLlamaV2Loader.name,
         context_length=context,
         vocab_size=int(config.vocab_size),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_ids=eos_token_ids(path, config.eos_token_id, tokenizer.eos_token_id),
-        bos_token=tokenizer.bos_token,
-        eos_token=tokenizer.eos_token,
-        chat_template=chat_template(path, getattr(tokenizer, "chat_template", None)),
-        special_tokens=dict(tokenizer.special_tokens_map),
+        **tokenizer_info(path, tokenizer, config.eos_token_id),
         metadata={
             "architecture": facts.architecture,
             "quantization": facts.quantization,
@@ -628,67 +590,12 @@ def attention_backend(available: dict[str, bool], disabled: dict[str, bool]) -> 
     return "matmul"
 
 
-def eos_token_ids(path: Path, config_eos: Any, tokenizer_eos: Any) -> tuple[int, ...]:
-    """Every id that ends a turn: generation_config.json's (often a list), config.json's and
-    the tokenizer's, in that order without duplicates. exllamav2 keeps only one of them."""
-    sources: list[Any] = []
-    try:
-        generation = json.loads((path / "generation_config.json").read_text(encoding="utf-8"))
-        sources.append(generation.get("eos_token_id") if isinstance(generation, dict) else None)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        sources.append(config.get("eos_token_id") if isinstance(config, dict) else None)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    sources += [config_eos, tokenizer_eos]
-    ids: list[int] = []
-    for value in sources:
-        for tid in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(tid, int) and not isinstance(tid, bool) and tid >= 0 and tid not in ids:
-                ids.append(tid)
-    return tuple(ids)
-
-
-def chat_template(path: Path, tokenizer_template: Any = None) -> str | None:
-    """The model's chat template: the tokenizer's (the default one of several), else the
-    folder's chat_template.jinja, else tokenizer_config.json's `chat_template`."""
-    candidates: list[Any] = [tokenizer_template]
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
-        candidates.append(jinja.read_text(encoding="utf-8"))
-    try:
-        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-        candidates.append(config.get("chat_template") if isinstance(config, dict) else None)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        pass
-    for template in candidates:
-        if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default") or next(iter(named.values()), None)
-        if isinstance(template, dict):
-            template = template.get("default") or next(iter(template.values()), None)
-        if isinstance(template, str) and template.strip():
-            return template
-    return None
-
-
 def _bias_tensor(torch: Any, bias: dict[int, float], width: int) -> Any:
     """The float32 CPU tensor exllamav2 adds to the logits (as wide as the padded head)."""
     tensor = torch.zeros((width,), dtype=torch.float)
     ids = torch.tensor(list(bias), dtype=torch.long)
     tensor[ids] = torch.tensor(list(bias.values()), dtype=torch.float)
     return tensor
-
-
-def _vocab_texts(tokenizer: Any, size: int) -> list[str]:
-    """The text of each token id below `size` (for DRY's breakers), via the Rust tokenizer."""
-    singles = [[tid] for tid in range(size)]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return list(backend.decode_batch(singles, skip_special_tokens=False))
-    return list(tokenizer.batch_decode(singles, clean_up_tokenization_spaces=False))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -37,6 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from loaders.base import within_vocabulary
 from modules.errors import InvalidRequestError
 from modules.sampling import SamplingParams
 
@@ -65,8 +66,9 @@ def sampler_settings(
 ) -> SamplerPlan:
     """Map `params` onto exllamav2's sampler for a model of `vocab_size` usable tokens.
 
-    Raises InvalidRequestError for Mirostat 1 (exllamav2 has Mirostat 2.0 only), for logit
-    bias or bans outside the vocabulary, and when the bans leave no token to sample.
+    Raises InvalidRequestError for Mirostat 1 (exllamav2 has Mirostat 2.0 only) and when the
+    bans leave no token to sample. Ids outside the vocabulary were dropped by the engine
+    (loaders.base.within_vocabulary).
     """
     active = set(params.active_samplers())
     if "mirostat" in active and params.mirostat_mode == 1:
@@ -139,13 +141,11 @@ def _truncation(params: SamplingParams) -> dict[str, Any]:
 
 
 def token_bias(params: SamplingParams, eos_token_ids: Sequence[int], vocab_size: int) -> dict[int, float]:
-    """logit_bias, then -inf for custom_token_bans and (with ban_eos_token) every EOS id."""
-    for name, ids in (("logit_bias", params.logit_bias), ("custom_token_bans", params.custom_token_bans)):
-        bad = [i for i in ids if not 0 <= int(i) < vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"{name} names token ids outside the vocabulary (0-{vocab_size - 1}): {bad[:5]}", name
-            )
+    """logit_bias, then -inf for custom_token_bans and (with ban_eos_token) every EOS id.
+
+    Ids outside `range(vocab_size)` are dropped (the one policy, loaders.base.within_vocabulary,
+    applied by the engine already: here it only keeps the bias tensor's indices in range)."""
+    params = within_vocabulary(params, vocab_size)
     bias = {int(k): float(v) for k, v in params.logit_bias.items()}
     bans = set(params.custom_token_bans)
     if params.ban_eos_token:

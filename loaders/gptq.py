@@ -18,9 +18,6 @@ imported inside `load()` only.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -28,13 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from loaders import register_loader
-from loaders.transformers import (
-    TransformersLoader,
-    TransformersOptions,
-    _build_info,
-    _check_remote_code,
-)
-from modules.errors import BackendMissingError, ModelLoadError, UnsupportedOptionError, WorkbenchError
+from loaders.hf_folder import check_remote_code, read_config
+from loaders.transformers import TransformersLoader
+from modules.errors import BackendMissingError, ModelLoadError, UnsupportedOptionError
 
 INSTALL_HINT = "pip install -r requirements-gptq.txt"
 #: The packages the GPTQ path imports: transformers' GPTQ quantizer needs optimum, and
@@ -76,19 +69,12 @@ class GPTQLoader(TransformersLoader):
 
     name = "gptq"
     package = "gptqmodel"
+    packages = PACKAGES
     install_hint = INSTALL_HINT
     options_class = GPTQOptions
     # The Transformers loader's token loop and torch sampler chain run on this model's logits:
     # the same samplers, logprobs and devices, and no grammars either.
     capabilities = TransformersLoader.capabilities
-
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        """None when torch, transformers, optimum and gptqmodel can be imported, else what to install."""
-        missing = [name for name in PACKAGES if importlib.util.find_spec(name) is None]
-        if missing:
-            return f"the {cls.name} loader needs {' and '.join(missing)}: {INSTALL_HINT}"
-        return None
 
     @classmethod
     def load(cls, path: Path, options: GPTQOptions) -> GPTQLoader:  # type: ignore[override]
@@ -103,62 +89,52 @@ class GPTQLoader(TransformersLoader):
         path = Path(path)
         quant = read_gptq_config(path)
         check_options(options)
-        torch, transformers = _import_backend()
-        _check_remote_code(path, options, transformers)
+        torch, transformers = cls._import_backend()
+        check_remote_code(path, options.trust_remote_code)
         device = "cuda" if torch.cuda.is_available() and not options.cpu else "cpu"
         kwargs = model_kwargs(transformers, options, device, compute_dtype(torch, device), quant)
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(
-                str(path), trust_remote_code=options.trust_remote_code, local_files_only=True
+        with warnings.catch_warnings():
+            # "the model already has a quantization_config... loading attributes will be
+            # overwritten": that is what a chosen backend is meant to do.
+            warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
+            model, tokenizer = cls._open(
+                path, kwargs, trust_remote_code=options.trust_remote_code, oom_hint="try a smaller model or --cpu",
+                failure=f"GPTQModel could not load {path.name} with backend {options.gptq_backend!r} on {device}",
             )
-            with warnings.catch_warnings():
-                # "the model already has a quantization_config... loading attributes will be
-                # overwritten": that is what a chosen backend is meant to do.
-                warnings.filterwarnings("ignore", message=".*already has a `quantization_config`.*")
-                model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        except WorkbenchError:
-            raise
-        except torch.cuda.OutOfMemoryError as exc:
-            raise ModelLoadError(f"out of GPU memory loading {path.name}: try a smaller model or --cpu") from exc
-        except Exception as exc:
-            raise ModelLoadError(
-                f"GPTQModel could not load {path.name} with backend {options.gptq_backend!r} on {device}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        model.eval()
-        info = _build_info(path, model, tokenizer, TransformersOptions(trust_remote_code=options.trust_remote_code))
-        context = info.context_length
-        if options.gptq_max_seq_len:
-            context = min(context, options.gptq_max_seq_len)
-        info = dataclasses.replace(
-            info,
-            loader=cls.name,
-            context_length=context,
+        return cls._ready(
+            path, model, tokenizer, parallel=options.parallel, max_context=options.gptq_max_seq_len,
             metadata={
-                **info.metadata,
                 "quantization": describe_quantization(quant),
+                "trust_remote_code": options.trust_remote_code,
                 "gptq_kernel": kernel_name(model),
                 "gptq_backend": options.gptq_backend,
             },
         )
-        loaded = cls(model, tokenizer, info)
-        loaded._start_batching(options.parallel)
-        return loaded
+
+    @classmethod
+    def _import_backend(cls) -> tuple[Any, Any]:
+        """(torch, transformers) with optimum and gptqmodel importable, or BackendMissingError."""
+        reason = cls.unavailable_reason()
+        if reason:
+            raise BackendMissingError(reason)
+        # GPTQModel sizes a CPU worker pool when imported and refuses a pool of one worker, which
+        # is what its default gives on a 2-core machine (FACTS.md): ask for at least two.
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
+        try:
+            import gptqmodel  # noqa: F401 - fails here, with its message, rather than deep inside from_pretrained
+            import torch
+            import transformers
+        except ImportError as exc:
+            raise BackendMissingError(f"the gptq loader could not import {exc.name or 'its backend'}: {exc}; "
+                                      f"{INSTALL_HINT}") from exc
+        return torch, transformers
 
 
 # --- load helpers ----------------------------------------------------------------------
 def read_gptq_config(path: Path) -> dict[str, Any]:
     """config.json's quantization_config for a GPTQ folder; ModelLoadError saying what is wrong."""
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} is not a model folder")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise ModelLoadError(f"{path.name} has no config.json: not a GPTQ model folder")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path.name}/config.json cannot be read: {exc}") from None
-    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    config = read_config(path, "a GPTQ model folder")
+    quant = config.get("quantization_config")
     method = str(quant.get("quant_method", "")).lower() if isinstance(quant, dict) else ""
     if method != "gptq":
         found = f"quant_method {method!r}" if method else "no quantization_config"
@@ -187,24 +163,6 @@ def check_options(options: GPTQOptions) -> None:
         raise UnsupportedOptionError(
             f"gptq_max_seq_len must be 0 (the model's own) or a positive token count, got {options.gptq_max_seq_len!r}"
         )
-
-
-def _import_backend() -> tuple[Any, Any]:
-    """(torch, transformers) with optimum and gptqmodel importable, or BackendMissingError."""
-    missing = [name for name in PACKAGES if importlib.util.find_spec(name) is None]
-    if missing:
-        raise BackendMissingError(f"the gptq loader needs {' and '.join(missing)}: {INSTALL_HINT}")
-    # GPTQModel sizes a CPU worker pool when imported and refuses a pool of one worker, which
-    # is what its default gives on a 2-core machine (FACTS.md): ask for at least two.
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
-    try:
-        import gptqmodel  # noqa: F401 - fails here, with its message, rather than deep inside from_pretrained
-        import torch
-        import transformers
-    except ImportError as exc:
-        raise BackendMissingError(f"the gptq loader could not import {exc.name or 'its backend'}: {exc}; "
-                                  f"{INSTALL_HINT}") from exc
-    return torch, transformers
 
 
 def compute_dtype(torch: Any, device: str) -> Any:

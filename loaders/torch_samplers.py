@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING
 
+from loaders.base import TokenLogprobs, within_vocabulary
 from modules.errors import InvalidRequestError
 from modules.sampling import SamplingParams
 
@@ -401,6 +402,20 @@ class Mirostat:
         return order[:k] if k <= m else torch.topk(probs, k, sorted=False).indices
 
 
+def raw_logprobs(logits: torch.Tensor, valid_vocab: int) -> torch.Tensor:
+    """The model's own log-probabilities over its real tokens (the first `valid_vocab`
+    logits), in float64, taken before any sampler touches the logits: what `logprobs` reports."""
+    import torch
+
+    return torch.log_softmax(logits[:valid_vocab].double(), dim=-1)
+
+
+def token_logprobs(logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprobs:
+    """`token`'s log-probability in the raw distribution `logprobs` and the `top_n` most likely tokens."""
+    values, ids = logprobs.topk(min(top_n, logprobs.numel()))
+    return TokenLogprobs(float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True)))
+
+
 def draw_token(probs: torch.Tensor, generator: torch.Generator) -> int:
     """An index drawn from the distribution `probs` (1-D, summing to about 1) with `generator`.
 
@@ -423,8 +438,10 @@ class SamplerChain:
     past the tokenizer's vocabulary. `eos_token_ids` are masked under `ban_eos_token`.
     `dry_breakers` are DRY's breaker strings as token sequences (see
     dry_breaker_sequences). `seed` defaults to params.seed, else a fresh random one (kept in
-    `self.seed`). Token ids in bans or biases outside the vocabulary raise
-    InvalidRequestError. Stateful (generator, mirostat): build one per generation.
+    `self.seed`). Token ids in bans or biases outside the vocabulary are dropped by the one
+    policy (loaders.base.within_vocabulary, which the engine has applied already: here it
+    only keeps tensor indices in range). Stateful (generator, mirostat): build one per
+    generation.
     """
 
     def __init__(
@@ -531,12 +548,7 @@ def _bias_and_bans(
     """Tensors for logit bias (ids, values) and the banned ids; None where there are none."""
     import torch
 
-    for name, ids in (("logit_bias", params.logit_bias), ("custom_token_bans", params.custom_token_bans)):
-        bad = [i for i in ids if not 0 <= int(i) < vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"{name} names token ids outside the vocabulary (0-{vocab_size - 1}): {bad[:5]}", name
-            )
+    params = within_vocabulary(params, vocab_size)  # an index past the logits would fail (or assert on CUDA)
     bias_ids = bias_values = ban_ids = None
     if params.logit_bias:
         bias_ids = torch.tensor(list(params.logit_bias), dtype=torch.long, device=device)

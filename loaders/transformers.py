@@ -14,19 +14,19 @@ from __future__ import annotations
 import gc
 import importlib.util
 import inspect
-import json
 import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from loaders import PICKLE_SUFFIXES, register_loader
-from loaders.base import Capabilities, LoaderBase, ModelInfo, TokenLogprobs, check_prompt_ids
-from loaders.torch_samplers import SamplerChain, dry_breaker_sequences
-from loaders.transformers_batch import BatchRequest, BatchScheduler, token_logprobs
+from loaders.base import Capabilities, LoaderBase, ModelInfo, Step, auto_context, check_prompt_ids
+from loaders.hf_folder import HfTokenizer, check_remote_code, load_tokenizer, read_config, tokenizer_info
+from loaders.torch_samplers import SamplerChain, dry_breaker_sequences, raw_logprobs, token_logprobs
+from loaders.transformers_batch import BatchRequest, BatchScheduler
 from modules.errors import (
     BackendMissingError,
     GenerationError,
@@ -47,12 +47,8 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 #: Prompt tokens evaluated per forward pass: bounds the memory of a long prompt's
 #: activations and lets a cancel land between chunks.
 PREFILL_CHUNK = 512
-#: Context length when neither the config nor the tokenizer gives a believable one.
-FALLBACK_CONTEXT_LENGTH = 2048
 #: tokenizer.model_max_length above this is transformers' "no limit" placeholder (1e30).
 _SANE_MODEL_MAX_LENGTH = 10_000_000
-#: Breaker tokenizations cached per loaded model; cleared past this many distinct lists.
-_BREAKER_CACHE_SIZE = 64
 
 
 @dataclass
@@ -83,12 +79,14 @@ class TransformersLoader(LoaderBase):
 
     Build it with `load()`. After `unload()` every call raises ModelNotLoadedError.
     With `parallel` > 1 (the option, when the model's cache can be batched), up to that many
-    generate() calls run at once, each consumed in its own thread; `last_logprobs` is then
-    per thread: the consuming thread reads its own request's numbers.
+    generate() calls run at once, each consumed in its own thread; each step carries its own
+    token's logprobs, so concurrent requests never mix them.
     """
 
     name = "transformers"
     package = "transformers"
+    packages: ClassVar[tuple[str, ...]] = ("torch", "transformers")
+    """What `load()` imports; unavailable, naming the missing ones, without any of them."""
     install_hint = INSTALL_HINT
     options_class = TransformersOptions
     capabilities = Capabilities(samplers=frozenset(SAMPLER_NAMES), grammar=False, devices=("cpu", "cuda"),
@@ -96,40 +94,24 @@ class TransformersLoader(LoaderBase):
 
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo) -> None:
         self._model: Any = model
-        self._tokenizer: Any = tokenizer
         self.info = info
         self._device = model.device
         self._logits_size = info.vocab_size
         # Ids past the tokenizer's vocabulary are padding rows of the embedding: never sample them.
         self._valid_vocab = min(len(tokenizer), info.vocab_size)
-        self._local = threading.local()
-        # Fast tokenizers are not thread-safe ("Already borrowed": transformers reconfigures
-        # truncation on the shared Rust object per call); parallel requests encode and decode
-        # from several threads at once.
-        self._tokenizer_lock = threading.Lock()
+        self._tokens = HfTokenizer(tokenizer, name=info.name, bos_token_id=info.bos_token_id,
+                                   vocab_size=self._valid_vocab)
         self.parallel = 1
         """Generations served at once (see loaders.base.concurrency_of)."""
         self._scheduler: BatchScheduler | None = None
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self._breaker_cache: dict[tuple[str, ...], list[tuple[int, ...]]] = {}
-        self._vocab_texts: list[str] | None = None
-
-    @property
-    def last_logprobs(self) -> TokenLogprobs | None:
-        """The log-probabilities of the token the calling thread's generation just yielded,
-        when its request asked for them (thread-local: concurrent generations never mix)."""
-        return getattr(self._local, "logprobs", None)
-
-    @last_logprobs.setter
-    def last_logprobs(self, value: TokenLogprobs | None) -> None:
-        self._local.logprobs = value
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        """None when torch and transformers can be imported, else what to install."""
-        missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+        """None when every package in `packages` can be imported, else what to install."""
+        missing = [name for name in cls.packages if importlib.util.find_spec(name) is None]
         if missing:
-            return f"the {cls.name} loader needs {' and '.join(missing)}: {INSTALL_HINT}"
+            return f"the {cls.name} loader needs {' and '.join(missing)}: {cls.install_hint}"
         return None
 
     # --- loading -----------------------------------------------------------------------
@@ -147,27 +129,48 @@ class TransformersLoader(LoaderBase):
             raise UnsupportedOptionError(f"parallel must be a whole number of at least 1, got {options.parallel!r}")
         use_safetensors = _check_folder(path, options)
         torch, transformers = _import_backend()
-        _check_remote_code(path, options, transformers)
+        check_remote_code(path, options.trust_remote_code)
         device, dtype = _resolve_device_and_dtype(torch, options)
         kwargs = _model_kwargs(transformers, options, device, dtype, use_safetensors)
+        model, tokenizer = cls._open(
+            path, kwargs, trust_remote_code=options.trust_remote_code,
+            oom_hint="try load_in_4bit, a smaller model or --cpu", failure=f"Transformers could not load {path.name}",
+        )
+        quantization = "8-bit (bitsandbytes)" if options.load_in_8bit else None
+        quantization = "4-bit NF4 (bitsandbytes)" if options.load_in_4bit else quantization
+        return cls._ready(path, model, tokenizer, parallel=options.parallel,
+                          metadata={"quantization": quantization, "trust_remote_code": options.trust_remote_code})
+
+    @classmethod
+    def _open(cls, path: Path, kwargs: dict[str, Any], *, trust_remote_code: bool, oom_hint: str,
+              failure: str) -> tuple[Any, Any]:
+        """(model, tokenizer) of the folder, the model built with `kwargs`; ModelLoadError
+        with `oom_hint` when the GPU runs out of memory, or `failure` and Transformers' reason."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
         try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(
-                str(path), trust_remote_code=options.trust_remote_code, local_files_only=True
-            )
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, loader=cls.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         except WorkbenchError:
             raise
         except torch.cuda.OutOfMemoryError as exc:
-            raise ModelLoadError(
-                f"out of GPU memory loading {path.name}: try load_in_4bit, a smaller model or --cpu"
-            ) from exc
+            raise ModelLoadError(f"out of GPU memory loading {path.name}: {oom_hint}") from exc
         except Exception as exc:
-            raise ModelLoadError(
-                f"Transformers could not load {path.name}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise ModelLoadError(f"{failure}: {type(exc).__name__}: {exc}") from exc
+        return model, tokenizer
+
+    @classmethod
+    def _ready(cls, path: Path, model: Any, tokenizer: Any, *, parallel: int, metadata: dict[str, Any],
+               max_context: int = 0) -> Self:
+        """The loaded model of this class, in eval mode, batching when `parallel` > 1;
+        `metadata` is laid over the Transformers facts, `max_context` (> 0) caps the context."""
         model.eval()
-        loaded = cls(model, tokenizer, _build_info(path, model, tokenizer, options))
-        loaded._start_batching(options.parallel)
+        info = _model_info(path, model, tokenizer, loader=cls.name, metadata=metadata)
+        if max_context:
+            info.context_length = min(info.context_length, max_context)
+        loaded = cls(model, tokenizer, info)
+        loaded._start_batching(parallel)
         return loaded
 
     def _start_batching(self, parallel: int) -> None:
@@ -214,29 +217,18 @@ class TransformersLoader(LoaderBase):
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`; special-token text maps to the special token. BOS is
         prepended when `add_bos`, the model has one and the ids do not start with it."""
-        tokenizer = self._require_tokenizer()
-        with self._tokenizer_lock:
-            ids = list(tokenizer.encode(text, add_special_tokens=False))
-        bos = self.info.bos_token_id
-        if add_bos and bos is not None and ids[:1] != [bos]:
-            ids.insert(0, bos)
-        return ids
+        return self._tokens.encode(text, add_bos)
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of `ids`; an incomplete UTF-8 sequence comes back as U+FFFD."""
-        tokenizer = self._require_tokenizer()
-        # No clean-up of spaces: it rewrites " ." into "." once the dot arrives, so the text
-        # of a prefix would change as tokens stream in.
-        with self._tokenizer_lock:
-            return tokenizer.decode(
-                [int(i) for i in ids], skip_special_tokens=skip_special, clean_up_tokenization_spaces=False
-            )
+        return self._tokens.decode(ids, skip_special)
 
     # --- generation --------------------------------------------------------------------
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event
-    ) -> Iterator[int]:
-        """Yield sampled token ids after evaluating `prompt_ids` (see LoadedModel.generate).
+    ) -> Iterator[Step]:
+        """Yield a Step per sampled token after evaluating `prompt_ids` (see LoadedModel.generate);
+        with `params.logprobs` N > 0 each step carries its token's TokenLogprobs (top N).
 
         Stops when `stop_event` is set (checked before each step and between prompt
         chunks) or when prompt + reply fill the context. Raises InvalidRequestError for an
@@ -251,7 +243,7 @@ class TransformersLoader(LoaderBase):
 
     def _generate_alone(
         self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event
-    ) -> Iterator[int]:
+    ) -> Iterator[Step]:
         """The one-request token loop, in the consuming thread."""
         import torch
 
@@ -269,20 +261,19 @@ class TransformersLoader(LoaderBase):
         while logits is not None and not stop_event.is_set():
             with torch.inference_mode():
                 # The raw distribution, taken before the samplers touch the logits.
-                raw = torch.log_softmax(logits[: self._valid_vocab].double(), dim=-1) if want else None
+                raw = raw_logprobs(logits, self._valid_vocab) if want else None
                 token = chain.sample(logits, history[:count])
-                if raw is not None:
-                    self.last_logprobs = token_logprobs(raw, token, want)
+                numbers = token_logprobs(raw, token, want) if raw is not None else None
             history[count] = token
             count += 1
-            yield token
+            yield Step(token, numbers)
             if count >= context or stop_event.is_set():
                 return
             logits, cache = self._forward(model, history[count - 1 : count], cache)
 
     def _generate_batched(
         self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event
-    ) -> Iterator[int]:
+    ) -> Iterator[Step]:
         """The request as a row of the batch scheduler; its tokens are yielded here."""
         import torch
 
@@ -296,11 +287,8 @@ class TransformersLoader(LoaderBase):
         history = torch.zeros(context, dtype=torch.long, device=self._device)
         history[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
         request = BatchRequest(history, len(prompt_ids), chain, stop_event, logprobs=params.logprobs)
-        with closing(scheduler.stream(request)) as tokens:  # type: ignore[type-var]
-            for token, numbers in tokens:
-                if numbers is not None:
-                    self.last_logprobs = numbers
-                yield token
+        with closing(scheduler.stream(request)) as steps:  # type: ignore[type-var]
+            yield from steps
 
     def _prefill(
         self, model: Any, prompt: torch.Tensor, stop_event: threading.Event
@@ -318,26 +306,20 @@ class TransformersLoader(LoaderBase):
         position on the sampling device, the grown cache)."""
         import torch
 
-        kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._has_logits_to_keep else {}
-        try:
-            with torch.inference_mode():
-                out = model(input_ids=ids.unsqueeze(0), past_key_values=cache, use_cache=True, **kwargs)
-                logits = out.logits[0, -1].to(self._device, torch.float32)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise GenerationError("out of GPU memory during generation: shorten the prompt") from exc
-        except RuntimeError as exc:
-            raise GenerationError(f"the model failed during generation: {exc}") from exc
-        return logits, out.past_key_values
+        with torch.inference_mode():
+            logits, cache = self._forward_rows(ids.unsqueeze(0), cache, None, None, model)
+        return logits[0], cache
 
     def _forward_rows(
-        self, ids: torch.Tensor, cache: Any, mask: torch.Tensor | None, positions: torch.Tensor | None
+        self, ids: torch.Tensor, cache: Any, mask: torch.Tensor | None, positions: torch.Tensor | None,
+        model: Any = None,
     ) -> tuple[torch.Tensor, Any]:
         """The batch scheduler's forward pass: `ids` [rows, tokens] after `cache`, with the
         padding `mask` [rows, cached + tokens] and `positions` [rows, tokens] when batched;
         (float32 logits of each row's last position [rows, vocab], the grown cache)."""
         import torch
 
-        model = self._require_model()
+        model = model if model is not None else self._require_model()
         kwargs: dict[str, Any] = {"logits_to_keep": 1} if self._has_logits_to_keep else {}
         if mask is not None:
             kwargs.update(attention_mask=mask, position_ids=positions)
@@ -345,7 +327,8 @@ class TransformersLoader(LoaderBase):
             out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
             logits = out.logits[:, -1].to(self._device, torch.float32)
         except torch.cuda.OutOfMemoryError as exc:
-            raise GenerationError("out of GPU memory during generation: shorten the prompt or lower parallel") from exc
+            hint = "shorten the prompt or lower parallel" if self.parallel > 1 else "shorten the prompt"
+            raise GenerationError(f"out of GPU memory during generation: {hint}") from exc
         except RuntimeError as exc:
             raise GenerationError(f"the model failed during generation: {exc}") from exc
         return logits, out.past_key_values
@@ -367,17 +350,8 @@ class TransformersLoader(LoaderBase):
         """DRY's breaker strings as token sequences (worked out once per distinct list)."""
         if params.dry_multiplier <= 0 or not params.dry_sequence_breakers:
             return []
-        key = tuple(params.dry_sequence_breakers)
-        with self._tokenizer_lock:  # the tokenizer, and the cache, are shared by parallel requests
-            if key not in self._breaker_cache:
-                if len(self._breaker_cache) >= _BREAKER_CACHE_SIZE:
-                    self._breaker_cache.clear()
-                tokenizer = self._require_tokenizer()
-                if self._vocab_texts is None:
-                    self._vocab_texts = _vocab_texts(tokenizer, self._valid_vocab)
-                encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
-                self._breaker_cache[key] = dry_breaker_sequences(key, encode, self._vocab_texts)
-            return self._breaker_cache[key]
+        breakers = params.dry_sequence_breakers
+        return self._tokens.dry_breakers(breakers, lambda encode, texts: dry_breaker_sequences(breakers, encode, texts))
 
     # --- lifecycle ---------------------------------------------------------------------
     def unload(self) -> None:
@@ -388,7 +362,7 @@ class TransformersLoader(LoaderBase):
             scheduler.close()
         on_cuda = self._model is not None and self._device.type == "cuda"
         self._model = None
-        self._tokenizer = None
+        self._tokens.close()
         gc.collect()
         if on_cuda:
             import torch
@@ -399,22 +373,6 @@ class TransformersLoader(LoaderBase):
         if self._model is None:
             raise ModelNotLoadedError(f"{self.info.name} has been unloaded")
         return self._model
-
-    def _require_tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            raise ModelNotLoadedError(f"{self.info.name} has been unloaded")
-        return self._tokenizer
-
-
-def _vocab_texts(tokenizer: Any, size: int) -> list[str]:
-    """The text of each token id below `size`, so that tokens merely containing a DRY breaker
-    (newline pairs, ".\\n") break repeats too. Once per model: the Rust tokenizer decodes 128k
-    tokens in ~0.1 s where the Python batch_decode loop takes ~1 s."""
-    singles = [[tid] for tid in range(size)]
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return list(backend.decode_batch(singles, skip_special_tokens=False))
-    return list(tokenizer.batch_decode(singles, clean_up_tokenization_spaces=False))
 
 
 # --- load helpers ----------------------------------------------------------------------
@@ -433,10 +391,7 @@ def _import_backend() -> tuple[Any, Any]:
 
 def _check_folder(path: Path, options: TransformersOptions) -> bool:
     """True when the folder has safetensors weights, False when only pickles (allowed)."""
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} is not a model folder")
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"{path.name} has no config.json: not a Transformers model folder")
+    read_config(path, "a Transformers model folder")
     files = [p for p in path.iterdir() if p.is_file()]
     if any(p.suffix == ".safetensors" for p in files):
         return True
@@ -449,24 +404,6 @@ def _check_folder(path: Path, options: TransformersOptions) -> bool:
             )
         return False
     raise ModelLoadError(f"{path.name} has a config.json but no .safetensors (or .bin) weights")
-
-
-def _check_remote_code(path: Path, options: TransformersOptions, transformers: Any) -> None:
-    """Refuse early, and say why, when the architecture exists only as the folder's own code."""
-    if options.trust_remote_code:
-        return
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path.name}/config.json cannot be read: {exc}") from None
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type and model_type not in CONFIG_MAPPING and "auto_map" in config:
-        raise ModelLoadError(
-            f"{path.name} is a '{model_type}' model, which Transformers {transformers.__version__} only runs "
-            "with the Python code shipped in the folder: enable trust_remote_code if you trust its source"
-        )
 
 
 def _resolve_device_and_dtype(torch: Any, options: TransformersOptions) -> tuple[str, Any]:
@@ -518,25 +455,25 @@ def _model_kwargs(
     return kwargs
 
 
-def _build_info(path: Path, model: Any, tokenizer: Any, options: TransformersOptions) -> ModelInfo:
-    """What the engine needs to know about the loaded model."""
+def _model_info(path: Path, model: Any, tokenizer: Any, *, loader: str, metadata: dict[str, Any]) -> ModelInfo:
+    """What the engine needs to know about the loaded model; `metadata` is laid over the facts."""
     config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab_size = getattr(text_config, "vocab_size", None) or model.get_output_embeddings().weight.shape[0]
-    quantization = "8-bit (bitsandbytes)" if options.load_in_8bit else None
-    quantization = "4-bit NF4 (bitsandbytes)" if options.load_in_4bit else quantization
+    trained = _trained_context(text_config, tokenizer)
+    generation_config = getattr(model, "generation_config", None)
     return ModelInfo(
         name=path.name,
         path=path,
-        loader=TransformersLoader.name,
-        context_length=_context_length(text_config, tokenizer),
+        loader=loader,
+        # The whole trained context, asked for as such: the cap of the auto rule is there for
+        # caches allocated up front, and Transformers' cache grows with use (nor can a longer
+        # one be asked for here). Only a model that does not say gets the rule's fallback.
+        context_length=auto_context(trained or 0, trained),
         vocab_size=int(vocab_size),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_ids=_eos_token_ids(model, text_config, tokenizer),
-        bos_token=tokenizer.bos_token,
-        eos_token=tokenizer.eos_token,
-        chat_template=_chat_template(path, tokenizer),
-        special_tokens=dict(tokenizer.special_tokens_map),
+        **tokenizer_info(
+            path, tokenizer, getattr(generation_config, "eos_token_id", None), getattr(text_config, "eos_token_id", None)
+        ),
         metadata={
             "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
             "model_type": getattr(config, "model_type", None),
@@ -545,13 +482,14 @@ def _build_info(path: Path, model: Any, tokenizer: Any, options: TransformersOpt
             # Where accelerate put the layers (empty on CPU): the distinct devices, not every layer.
             "devices": sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}),
             "parameters": int(model.num_parameters()),
-            "quantization": quantization,
-            "trust_remote_code": options.trust_remote_code,
+            "quantization": None,
+            "trust_remote_code": False,
+            **metadata,
         },
     )
 
 
-def _context_length(text_config: Any, tokenizer: Any) -> int:
+def _trained_context(text_config: Any, tokenizer: Any) -> int | None:
     """max_position_embeddings, else the tokenizer's model_max_length when believable."""
     length = getattr(text_config, "max_position_embeddings", None)
     if isinstance(length, int) and length > 0:
@@ -559,35 +497,4 @@ def _context_length(text_config: Any, tokenizer: Any) -> int:
     length = getattr(tokenizer, "model_max_length", None)
     if isinstance(length, int) and 0 < length < _SANE_MODEL_MAX_LENGTH:
         return length
-    return FALLBACK_CONTEXT_LENGTH
-
-
-def _eos_token_ids(model: Any, text_config: Any, tokenizer: Any) -> tuple[int, ...]:
-    """Every id that ends a turn: generation_config's (often a list), the config's and the
-    tokenizer's eos, in that order without duplicates."""
-    generation_config = getattr(model, "generation_config", None)
-    sources = [
-        getattr(generation_config, "eos_token_id", None),
-        getattr(text_config, "eos_token_id", None),
-        tokenizer.eos_token_id,
-    ]
-    ids: list[int] = []
-    for value in sources:
-        for tid in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(tid, int) and tid >= 0 and tid not in ids:
-                ids.append(tid)
-    return tuple(ids)
-
-
-def _chat_template(path: Path, tokenizer: Any) -> str | None:
-    """The tokenizer's chat template (the default one when it has several), else the
-    folder's chat_template.jinja."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):
-        template = template.get("default") or next(iter(template.values()), None)
-    if isinstance(template, str) and template.strip():
-        return template
-    jinja = path / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
     return None

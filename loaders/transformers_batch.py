@@ -19,7 +19,8 @@ One scheduler thread per loaded model. Each step it:
    the batch, the shorter side left-padded to the common length;
 3. runs one batched decode forward for every running row (the padding masked out, each row
    with its own position ids) and samples each row's next token with its own SamplerChain.
-Each token goes to its request's queue; `stream()` yields it in the consuming thread. A
+Each step (token and, when asked for, its logprobs) goes to its request's queue; `stream()`
+yields it in the consuming thread. A
 failing forward is raised in every consumer whose row it held; the others carry on.
 
 torch is imported inside functions only.
@@ -35,8 +36,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from loaders.base import TokenLogprobs
-from loaders.torch_samplers import SamplerChain
+from loaders.base import Step
+from loaders.torch_samplers import SamplerChain, raw_logprobs, token_logprobs
 from modules.errors import GenerationError, ModelNotLoadedError
 
 if TYPE_CHECKING:
@@ -80,12 +81,6 @@ class BatchRequest:
         self.prompt_length = self.count
 
 
-def token_logprobs(logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprobs:
-    """`token`'s log-probability in the raw distribution and the `top_n` most likely tokens."""
-    values, ids = logprobs.topk(min(top_n, logprobs.numel()))
-    return TokenLogprobs(float(logprobs[token]), tuple(zip(ids.tolist(), values.tolist(), strict=True)))
-
-
 class BatchScheduler:
     """Serves concurrent generations of one model with batched decode steps (see module doc).
 
@@ -116,8 +111,8 @@ class BatchScheduler:
         self._mask: torch.Tensor | None = None
 
     # --- the consumer's side -------------------------------------------------------------
-    def stream(self, request: BatchRequest) -> Iterator[tuple[int, TokenLogprobs | None]]:
-        """Queue `request` and yield (token, logprobs or None) as the scheduler samples them.
+    def stream(self, request: BatchRequest) -> Iterator[Step]:
+        """Queue `request` and yield its steps (token, logprobs when asked) as the scheduler samples them.
 
         Returns when the request ends (full context) or as soon as its stop event is set,
         even with tokens the scheduler sampled ahead still queued; raises what failed its
@@ -253,11 +248,9 @@ class BatchScheduler:
 
     def _sample(self, request: BatchRequest, logits: torch.Tensor) -> bool:
         """Sample `request`'s next token from its row's logits and hand it over; False if it failed."""
-        import torch
-
         try:
             want = request.logprobs
-            raw = torch.log_softmax(logits[: self._valid_vocab].double(), dim=-1) if want else None
+            raw = raw_logprobs(logits, self._valid_vocab) if want else None
             token = request.chain.sample(logits, request.history[: request.count])
             numbers = token_logprobs(raw, token, want) if raw is not None else None
         except Exception as exc:  # noqa: BLE001 - raised in this request's consumer
@@ -265,7 +258,7 @@ class BatchScheduler:
             return False
         request.history[request.count] = token
         request.count += 1
-        request.out.put((token, numbers))
+        request.out.put(Step(token, numbers))
         return True
 
     # --- the batched cache ---------------------------------------------------------------

@@ -29,7 +29,7 @@ import pytest
 
 from loaders import exllamav2 as exl_module
 from loaders import get_loader, infer_loader
-from loaders.base import ModelInfo
+from loaders.base import ModelInfo, Step, within_vocabulary
 from loaders.exllamav2 import (
     CACHE_CLASSES,
     NEEDS_CUDA,
@@ -37,10 +37,8 @@ from loaders.exllamav2 import (
     ExLlamaV2Options,
     FolderFacts,
     attention_backend,
-    chat_template,
     cuda_compiler_reason,
     cuda_device_present,
-    eos_token_ids,
     parse_gpu_split,
     plan_load,
     read_folder_facts,
@@ -269,19 +267,6 @@ def test_folders_missing_what_exllamav2_needs(tmp_path: Path) -> None:
         read_folder_facts(tmp_path / "d")
 
 
-def test_chat_template_and_eos_ids_from_the_folder(tmp_path: Path) -> None:
-    path = model_folder(tmp_path)
-    assert chat_template(path) is None
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}))
-    assert chat_template(path) == "D"
-    (path / "chat_template.jinja").write_text("J")
-    assert chat_template(path) == "J"
-    assert chat_template(path, tokenizer_template="HF") == "HF"
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 2]}))
-    assert eos_token_ids(path, 2, 9) == (7, 2, 9)
-
-
 # --- options -> ExLlamaV2Config and the load mode ---------------------------------------------
 def test_defaults_load_on_the_first_gpu_with_an_fp16_cache_and_the_models_context() -> None:
     plan = plan_load(ExLlamaV2Options(), facts(context=4096))
@@ -422,9 +407,9 @@ def test_token_bias_bans_and_ban_eos() -> None:
     bias = token_bias(SamplingParams(logit_bias={"5": 2.0, "7": 1.0}, custom_token_bans=[7, 9], ban_eos_token=True),
                       eos_token_ids=(2, 3), vocab_size=100)
     assert bias == {5: 2.0, 7: -math.inf, 9: -math.inf, 2: -math.inf, 3: -math.inf}
-    with pytest.raises(InvalidRequestError, match="outside the vocabulary") as info:
-        token_bias(SamplingParams(custom_token_bans=[100]), (2,), 100)
-    assert info.value.param == "custom_token_bans"
+    # Ids outside the vocabulary never reach the sampler (the engine drops them, loaders.base.within_vocabulary).
+    request = SamplingParams(logit_bias={"5": 2.0, "300": 1.0}, custom_token_bans=[100, 7])
+    assert token_bias(within_vocabulary(request, 100), (2,), 100) == {5: 2.0, 7: -math.inf}
     with pytest.raises(InvalidRequestError, match="every token is banned"):
         token_bias(SamplingParams(custom_token_bans=list(range(4))), (2,), 4)
 
@@ -521,8 +506,14 @@ def fake_loaded(context: int = 32) -> tuple[ExLlamaV2Loader, FakeModel]:
     return loader, model
 
 
+def take_steps(gen: Any, n: int) -> list[Step]:
+    steps = [s for _, s in zip(range(n), gen, strict=False)]
+    assert all(isinstance(s, Step) for s in steps)
+    return steps
+
+
 def take(gen: Any, n: int) -> list[int]:
-    return [t for _, t in zip(range(n), gen, strict=False)]
+    return [s.token for s in take_steps(gen, n)]
 
 
 def test_loop_prefills_then_steps_and_reuses_the_cached_prefix() -> None:
@@ -544,7 +535,7 @@ def test_loop_stops_on_the_event_and_at_the_context_end() -> None:
     loader, model = fake_loaded(context=8)
     stop = threading.Event()
     gen = loader.generate([1, 10], SamplingParams(temperature=0), stop)
-    assert next(gen) == 11
+    assert next(gen) == Step(11)
     stop.set()
     assert list(gen) == []
     assert len(list(loader.generate([1, 10, 11], SamplingParams(temperature=0), threading.Event()))) == 5
@@ -568,18 +559,22 @@ def test_a_cancelled_prefill_leaves_a_consistent_cache() -> None:
 def test_a_new_generation_ends_a_suspended_one() -> None:
     loader, _ = fake_loaded()
     first = loader.generate([1, 10], SamplingParams(temperature=0), threading.Event())
-    assert next(first) == 11
+    assert next(first).token == 11
     second = loader.generate([1, 20], SamplingParams(temperature=0), threading.Event())
-    assert next(second) == 21
+    assert next(second).token == 21
     assert list(first) == []
 
 
 def test_bias_bans_and_logprobs_reach_the_sampler() -> None:
     loader, _ = fake_loaded()
     params = SamplingParams(temperature=0, custom_token_bans=[11], logit_bias={"40": 100.0}, logprobs=3)
-    assert take(loader.generate([1, 10], params, threading.Event()), 1) == [40]
-    assert loader.last_logprobs is not None and len(loader.last_logprobs.top) == 3
-    assert loader.last_logprobs.top[0][0] == 11  # the raw distribution, before bias and bans
+    [step] = take_steps(loader.generate([1, 10], params, threading.Event()), 1)
+    assert step.token == 40
+    assert step.logprobs is not None and len(step.logprobs.top) == 3
+    assert step.logprobs.top[0][0] == 11  # the raw distribution, before bias and bans
+    # Token 40's own raw logit is 0 among 49 zeros and token 11's 5 (over the 50 real tokens).
+    assert step.logprobs.logprob == pytest.approx(-math.log(math.exp(5) + 49), abs=1e-6)
+    assert take_steps(loader.generate([1, 10], params.replace(logprobs=0), threading.Event()), 1)[0].logprobs is None
     with pytest.raises(InvalidRequestError, match="Mirostat 2.0 only"):
         list(loader.generate([1, 10], SamplingParams(mirostat_mode=1), threading.Event()))
 
@@ -709,7 +704,7 @@ def test_exl2_conversion_loads_generates_and_agrees_with_transformers_fp16(
         for ids, ref in zip(prompts, references, strict=True):
             # Teacher-forced: our top-1 after each reference prefix (the cache keeps the prefix).
             for t in range(N_TOKENS):
-                got = next(iter(loaded.generate(ids + ref[:t], greedy, threading.Event())))
+                got = next(iter(loaded.generate(ids + ref[:t], greedy, threading.Event()))).token
                 agree += got == ref[t]
                 total += 1
         free_run = take(loaded.generate(prompts[0], greedy, threading.Event()), N_TOKENS)

@@ -9,6 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from loaders.base import within_vocabulary  # noqa: E402
 from loaders.torch_samplers import (  # noqa: E402
     DryPenalty,
     Mirostat,
@@ -24,6 +25,8 @@ from loaders.torch_samplers import (  # noqa: E402
     apply_top_p,
     apply_typical_p,
     dry_breaker_sequences,
+    raw_logprobs,
+    token_logprobs,
 )
 from modules.errors import InvalidRequestError  # noqa: E402
 from modules.sampling import SamplingParams  # noqa: E402
@@ -331,12 +334,26 @@ def test_padding_ids_past_the_tokenizer_are_never_sampled() -> None:
     assert chain.sample(torch.tensor([0.0, 1.0, 9.0, 9.0]), NO_HISTORY) == 1
 
 
-def test_ids_outside_the_vocabulary_are_refused() -> None:
-    with pytest.raises(InvalidRequestError) as info:
-        SamplerChain(SamplingParams(logit_bias={9: 1.0}), vocab_size=4)
-    assert info.value.param == "logit_bias"
-    with pytest.raises(InvalidRequestError):
-        SamplerChain(SamplingParams(custom_token_bans=[4]), vocab_size=4)
+def test_ids_outside_the_vocabulary_are_ignored() -> None:
+    """The engine drops them (loaders.base.within_vocabulary) before the chain sees them; the
+    chain itself keeps its tensor indices in range the same way rather than fail."""
+    logits = torch.tensor([5.0, 1.0, 0.0, 0.0])
+    request = SamplingParams(temperature=0, logit_bias={9: 100.0, 2: 10.0}, custom_token_bans=[4, 0])
+    assert within_vocabulary(request, 4) == request.replace(logit_bias={2: 10.0}, custom_token_bans=[0])
+    for params in (within_vocabulary(request, 4), request):
+        chain = SamplerChain(params, vocab_size=4)
+        assert kept(chain.process(logits.clone(), NO_HISTORY)) == [1, 2, 3]
+        assert SamplerChain(params, vocab_size=4).sample(logits.clone(), NO_HISTORY) == 2
+
+
+def test_raw_logprobs_and_the_top_n() -> None:
+    logits = torch.tensor([2.0, 0.0, 1.0, 9.0])  # id 3: padding past the real tokens
+    raw = raw_logprobs(logits, valid_vocab=3)
+    assert raw.dtype == torch.float64 and raw.exp().sum().item() == pytest.approx(1.0)
+    numbers = token_logprobs(raw, 2, top_n=2)
+    assert numbers.logprob == pytest.approx(1 - math.log(math.exp(2) + 1 + math.exp(1)))
+    assert [tid for tid, _ in numbers.top] == [0, 2] and numbers.top[0][1] == pytest.approx(float(raw[0]))
+    assert len(token_logprobs(raw, 0, top_n=10).top) == 3  # never more than the vocabulary
 
 
 def test_banning_everything_is_a_clear_error() -> None:

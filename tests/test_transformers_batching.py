@@ -1,6 +1,6 @@
 """The Transformers loader serving several generations at once (parallel > 1, one batched
 forward per step): outputs equal to each request alone, isolation of cancels and failures,
-thread-local logprobs, and the scheduler's lifecycle."""
+logprobs carried by each request's own steps, and the scheduler's lifecycle."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def long_prompt(model: TransformersLoader, tokens: int) -> list[int]:
 
 def take(model: TransformersLoader, ids: list[int], n: int = N_TOKENS,
          params: SamplingParams = GREEDY) -> list[int]:
-    return list(islice(model.generate(ids, params, threading.Event()), n))
+    return [step.token for step in islice(model.generate(ids, params, threading.Event()), n)]
 
 
 def in_threads(*jobs: Callable[[], Any]) -> list[Any]:
@@ -150,8 +150,8 @@ def test_requests_joining_a_running_batch_match_alone(
 
     def slow_first() -> list[int]:
         out = []
-        for token in islice(batched.generate(first, GREEDY, threading.Event()), 60):
-            out.append(token)
+        for step in islice(batched.generate(first, GREEDY, threading.Event()), 60):
+            out.append(step.token)
             if len(out) == 5:
                 running.set()
             time.sleep(0.002)
@@ -175,16 +175,16 @@ def test_seeded_sampling_is_per_request(batched: TransformersLoader, alone: Tran
     assert in_threads(*(lambda p=p: take(batched, ids, 24, p) for p in params)) == expected
 
 
-def test_logprobs_are_per_thread(batched: TransformersLoader, alone: TransformersLoader) -> None:
-    """Read right after its token, `last_logprobs` is the consuming thread's own request's."""
+def test_logprobs_travel_with_each_requests_steps(batched: TransformersLoader, alone: TransformersLoader) -> None:
+    """Each step carries its own request's numbers, whatever runs beside it."""
     params = SamplingParams(temperature=0, logprobs=3)
 
     def with_numbers(model: TransformersLoader, ids: list[int]) -> list[tuple[int, int, float]]:
         out = []
-        for token in islice(model.generate(ids, params, threading.Event()), 16):
-            numbers = model.last_logprobs
+        for step in islice(model.generate(ids, params, threading.Event()), 16):
+            numbers = step.logprobs
             assert numbers is not None
-            out.append((token, numbers.top[0][0], numbers.logprob))
+            out.append((step.token, numbers.top[0][0], numbers.logprob))
         return out
 
     prompts = [batched.encode(t) for t in TEXTS[:3]]
@@ -239,8 +239,8 @@ def test_a_long_prompt_is_evaluated_in_chunks_between_decode_steps(
 
     def first() -> list[int]:
         out = []
-        for token in islice(batched.generate(batched.encode(TEXTS[0]), GREEDY, threading.Event()), 300):
-            out.append(token)
+        for step in islice(batched.generate(batched.encode(TEXTS[0]), GREEDY, threading.Event()), 300):
+            out.append(step.token)
             if len(out) == 3:
                 running.set()
         return out

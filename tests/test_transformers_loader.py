@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from loaders import get_loader  # noqa: E402
-from loaders.base import LoadedModel  # noqa: E402
+from loaders.base import LoadedModel, Step, within_vocabulary  # noqa: E402
 from loaders.transformers import TransformersLoader, TransformersOptions  # noqa: E402
 from modules.errors import (  # noqa: E402
     BackendMissingError,
@@ -50,7 +50,7 @@ def run(
     model: TransformersLoader, params: SamplingParams, n: int = N_TOKENS, prompt: str = PROMPT
 ) -> list[int]:
     ids = model.encode(prompt)
-    return list(islice(model.generate(ids, params, threading.Event()), n))
+    return [step.token for step in islice(model.generate(ids, params, threading.Event()), n)]
 
 
 def hf_reference_greedy(folder: Path, prompt_ids: list[int], n: int) -> list[int]:
@@ -91,6 +91,7 @@ def test_info(model: TransformersLoader, tiny_kit: TinyKit) -> None:
     assert info.metadata["architecture"] == "LlamaForCausalLM"
     assert info.metadata["device"] == "cpu" and info.metadata["dtype"] == "float32"
     assert info.metadata["parameters"] > 0
+    assert model.parallel == 1 and info.metadata["parallel"] == 1
 
 
 # --- tokens -------------------------------------------------------------------------------
@@ -129,7 +130,9 @@ def test_incomplete_utf8_decodes_to_replacement_char(model: TransformersLoader) 
 # --- generation ---------------------------------------------------------------------------
 def test_greedy_matches_plain_transformers(model: TransformersLoader, tiny_kit: TinyKit) -> None:
     ids = model.encode(PROMPT)
-    ours = list(islice(model.generate(ids, GREEDY, threading.Event()), N_TOKENS))
+    steps = list(islice(model.generate(ids, GREEDY, threading.Event()), N_TOKENS))
+    assert all(isinstance(s, Step) and s.logprobs is None for s in steps)  # none asked for
+    ours = [s.token for s in steps]
     assert ours == run(model, GREEDY)  # deterministic
     assert ours == hf_reference_greedy(tiny_kit.hf_dir, ids, N_TOKENS)
 
@@ -148,6 +151,29 @@ def test_ban_eos_token_masks_every_end_id(model: TransformersLoader) -> None:
     assert not set(banned) & set(model.info.eos_token_ids)
     sampled = run(model, SamplingParams(seed=5, logit_bias=force_end, ban_eos_token=True), n=8)
     assert not set(sampled) & set(model.info.eos_token_ids)
+
+
+def test_each_step_carries_its_own_tokens_logprobs(model: TransformersLoader) -> None:
+    ids = model.encode(PROMPT)
+    steps = list(islice(model.generate(ids, GREEDY.replace(logprobs=3), threading.Event()), 8))
+    assert [s.token for s in steps] == run(model, GREEDY, n=8)
+    for step in steps:
+        assert step.logprobs is not None and len(step.logprobs.top) == 3
+        assert step.logprobs.top[0][0] == step.token  # greedy: the raw argmax
+        assert step.logprobs.logprob == pytest.approx(step.logprobs.top[0][1])
+    # The raw distribution, before the samplers: a bias moves the token, not the numbers.
+    forced = next(iter(model.generate(ids, GREEDY.replace(logprobs=2, logit_bias={5: 100.0}), threading.Event())))
+    assert forced.token == 5 and forced.logprobs is not None
+    assert forced.logprobs.top == steps[0].logprobs.top[:2]
+
+
+def test_ids_outside_the_vocabulary_are_ignored(model: TransformersLoader) -> None:
+    """The engine drops them (within_vocabulary) before the loader sees the params: the reply
+    is the one without them."""
+    outside = model.info.vocab_size + 5
+    params = within_vocabulary(GREEDY.replace(logit_bias={outside: 50.0}, custom_token_bans=[outside]),
+                               model.info.vocab_size)
+    assert run(model, params, n=8) == run(model, GREEDY, n=8)
 
 
 def test_custom_token_bans(model: TransformersLoader) -> None:
