@@ -36,6 +36,7 @@ import secrets
 import shutil
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from typing import Any
 from loaders import register_loader
 from loaders.base import FALLBACK_CONTEXT, Capabilities, LoaderBase, ModelInfo, Step, auto_context, check_prompt_ids
 from loaders.exllamav2_sampler import SamplerPlan, breaker_token_ids, sampler_settings
-from loaders.hf_folder import HfTokenizer, load_tokenizer, read_config, tokenizer_info
+from loaders.hf_folder import HfTokenizer, HfTokens, load_tokenizer, read_config, tokenizer_info
 from loaders.torch_samplers import apply_top_n_sigma, raw_logprobs, token_logprobs
 from modules.errors import (
     BackendMissingError,
@@ -281,7 +282,7 @@ def cuda_compiler_reason(homes: Sequence[str | None] | None = None) -> str | Non
 
 
 @register_loader
-class ExLlamaV2Loader(LoaderBase):
+class ExLlamaV2Loader(HfTokens, LoaderBase):
     """A model loaded with exllamav2 on one or more NVIDIA GPUs; implements LoadedModel.
 
     One generation at a time: starting a new `generate()` ends an earlier one that is still
@@ -361,16 +362,6 @@ class ExLlamaV2Loader(LoaderBase):
         parts["tokenizer"] = tokenizer
         return cls(backend, parts, _build_info(path, facts, plan, parts, backend))
 
-    # --- tokens ------------------------------------------------------------------------
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`; special-token text maps to the special token. BOS is
-        prepended when `add_bos`, the model has one and the ids do not start with it."""
-        return self._tokens.encode(text, add_bos)
-
-    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
-        """Text of `ids`; an incomplete UTF-8 sequence comes back as U+FFFD."""
-        return self._tokens.decode(ids, skip_special)
-
     # --- generation --------------------------------------------------------------------
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event
@@ -431,31 +422,32 @@ class ExLlamaV2Loader(LoaderBase):
         if not rest:
             return not stop_event.is_set()
         ids = torch.tensor([rest], dtype=torch.long)
-        try:
+        with self._failures("evaluating the prompt", "shorten it or lower max_seq_len"):
             self._model.forward(ids, self._cache, preprocess_only=True, abort_event=stop_event)
-        except torch.cuda.OutOfMemoryError as exc:
-            self._cached = []
-            raise GenerationError("out of GPU memory evaluating the prompt: shorten it or lower max_seq_len") from exc
-        except (RuntimeError, AssertionError) as exc:
-            self._cached = []
-            raise GenerationError(f"exllamav2 failed evaluating the prompt: {exc}") from exc
         # An abort leaves the cache holding the chunks that were finished.
         self._cached = list(prompt_ids[: self._cache.current_seq_len])
         return not stop_event.is_set()
 
     def _step(self, token: int) -> Any:
         """Forward one token after the cache: float32 CPU logits of shape (1, 1, vocab)."""
-        torch = self._torch
-        try:
-            logits = self._model.forward(torch.tensor([[token]], dtype=torch.long), self._cache)
-        except torch.cuda.OutOfMemoryError as exc:
-            self._cached = []
-            raise GenerationError("out of GPU memory during generation: lower max_seq_len") from exc
-        except (RuntimeError, AssertionError) as exc:
-            self._cached = []
-            raise GenerationError(f"exllamav2 failed during generation: {exc}") from exc
+        with self._failures("during generation", "lower max_seq_len"):
+            logits = self._model.forward(self._torch.tensor([[token]], dtype=self._torch.long), self._cache)
         self._cached.append(token)
         return logits[:, -1:, :].float().cpu()
+
+    @contextmanager
+    def _failures(self, doing: str, memory_hint: str) -> Iterator[None]:
+        """GenerationError saying what failed (out of GPU memory: `memory_hint`); the cache's
+        contents are then unknown, so nothing in it is reused."""
+        torch = self._torch
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError as exc:
+            self._cached = []
+            raise GenerationError(f"out of GPU memory {doing}: {memory_hint}") from exc
+        except (RuntimeError, AssertionError) as exc:
+            self._cached = []
+            raise GenerationError(f"exllamav2 failed {doing}: {exc}") from exc
 
     def _sample(
         self, logits: Any, settings: Any, plan: SamplerPlan, sequence: Any, rng: random.Random, want: int

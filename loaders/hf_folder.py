@@ -228,3 +228,19 @@ class HfTokenizer:
         if tokenizer is None:
             raise ModelNotLoadedError(f"{self._name} has been unloaded")
         return tokenizer
+
+
+class HfTokens:
+    """LoadedModel's `encode` and `decode` for a loader whose tokens come from a Hugging
+    Face tokenizer: a mixin over its `_tokens` (an HfTokenizer, set in its __init__)."""
+
+    _tokens: HfTokenizer
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`; special-token text maps to the special token. BOS is
+        prepended when `add_bos`, the model has one and the ids do not start with it."""
+        return self._tokens.encode(text, add_bos)
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Text of `ids`; an incomplete UTF-8 sequence comes back as U+FFFD."""
+        return self._tokens.decode(ids, skip_special)

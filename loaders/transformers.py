@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from loaders import PICKLE_SUFFIXES, register_loader
 from loaders.base import Capabilities, LoaderBase, ModelInfo, Step, auto_context, check_prompt_ids
-from loaders.hf_folder import HfTokenizer, check_remote_code, load_tokenizer, read_config, tokenizer_info
+from loaders.hf_folder import HfTokenizer, HfTokens, check_remote_code, load_tokenizer, read_config, tokenizer_info
 from loaders.torch_samplers import SamplerChain, dry_breaker_sequences, raw_logprobs, token_logprobs
 from loaders.transformers_batch import BatchRequest, BatchScheduler
 from modules.errors import (
@@ -74,7 +74,7 @@ class TransformersOptions:
 
 
 @register_loader
-class TransformersLoader(LoaderBase):
+class TransformersLoader(HfTokens, LoaderBase):
     """A Hugging Face causal LM in memory; implements loaders.base.LoadedModel.
 
     Build it with `load()`. After `unload()` every call raises ModelNotLoadedError.
@@ -212,16 +212,6 @@ class TransformersLoader(LoaderBase):
         if odd:
             return f"its KV cache has {', '.join(odd)} layers, which cannot be batched here"
         return None
-
-    # --- tokens ------------------------------------------------------------------------
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`; special-token text maps to the special token. BOS is
-        prepended when `add_bos`, the model has one and the ids do not start with it."""
-        return self._tokens.encode(text, add_bos)
-
-    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
-        """Text of `ids`; an incomplete UTF-8 sequence comes back as U+FFFD."""
-        return self._tokens.decode(ids, skip_special)
 
     # --- generation --------------------------------------------------------------------
     def generate(

@@ -248,7 +248,8 @@ def agreement(ours: list[int], reference: list[int]) -> float:
 
 def greedy(model: GPTQLoader, prompt: str, n: int = N_TOKENS) -> tuple[list[int], list[int]]:
     ids = model.encode(prompt)
-    return ids, list(islice(model.generate(ids, GREEDY.replace(ban_eos_token=True), threading.Event()), n))
+    steps = islice(model.generate(ids, GREEDY.replace(ban_eos_token=True), threading.Event()), n)
+    return ids, [step.token for step in steps]
 
 
 @pytest.fixture(scope="module")
@@ -383,8 +384,8 @@ def test_stop_event_and_the_context_cap_end_generation(gptq_dir: Path) -> None:
         assert len(list(model.generate(ids, GREEDY.replace(ban_eos_token=True), threading.Event()))) == 24 - len(ids)
         stop = threading.Event()
         got = []
-        for token in model.generate(ids, GREEDY.replace(ban_eos_token=True), stop):
-            got.append(token)
+        for step in model.generate(ids, GREEDY.replace(ban_eos_token=True), stop):
+            got.append(step.token)
             if len(got) == 3:
                 stop.set()
         assert len(got) == 3
