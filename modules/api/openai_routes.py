@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from modules.api.completions import ChatCompletionJob, CompletionJob
 from modules.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingsRequest
-from modules.api.state import get_state
+from modules.api.state import caller_of, get_state
 from modules.api.streaming import drain, sse_response
 from modules.errors import ModelNotFoundError
 
@@ -39,7 +39,7 @@ def get_model(name: str, request: Request) -> dict[str, Any]:
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
-    job = CompletionJob(get_state(request), body)
+    job = CompletionJob(get_state(request), body, caller_of(request))
     if body.stream:
         return sse_response(request, job.events(), job.cancel)
     return await drain(request, job.response, job.cancel)
@@ -48,7 +48,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response | d
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
     # Building the prompt tokenizes it (fitting to the context): off the event loop.
-    job = await run_in_threadpool(ChatCompletionJob, get_state(request), body)
+    job = await run_in_threadpool(ChatCompletionJob, get_state(request), body, caller_of(request))
     if body.stream:
         return sse_response(request, job.events(), job.cancel)
     return await drain(request, job.response, job.cancel)

@@ -2,24 +2,175 @@
 
 Every request model allows extra keys (SillyTavern sends ~70, most not ours) and types the
 known ones with the shapes real clients send (see ../shared/docs/CLIENT_CONTRACTS.md).
-Range rules live in SamplingParams, which names the bad field; the bounds here only keep
-absurd integers away from C code (a 10**30 top_k would overflow a C int in a loader).
+Range rules live in SamplingParams, which names the bad field; the schema only documents
+the same ranges (so the OpenAPI page and API fuzzers know them; a test keeps both in step)
+and enforces two kinds of bound itself: integers that would overflow a C int in a loader,
+and the input limits below, which keep one request from costing unbounded time or memory.
 Request models own `to_sampling_params(defaults)`, which lays the fields the client set
 over `defaults`, translating the KoboldAI and OpenAI aliases to our names.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from modules.errors import InvalidRequestError
 from modules.sampling import SamplingParams
 
+# --------------------------------------------------------------------------- input limits
+# Every cap on the size of a request, in one place. A request over one gets a 400 naming the
+# field. Each is far above what real clients send (SillyTavern: depth 3, 2 stop strings, no
+# grammar, a handful of bans), and low enough that matching, parsing and sampling stay cheap.
+MAX_JSON_DEPTH = 32
+"""Nesting of objects and arrays in a body, unknown keys included (SillyTavern's is 3)."""
+MAX_PROMPTS = 64
+"""Prompts in one /v1/completions call when `prompt` is a list of strings."""
+MAX_PROMPT_TOKENS = 1 << 20
+"""Token ids in a prompt given as ids (more than any context a loader opens)."""
+MAX_STOP_STRINGS = 64
+"""Stop strings per field; SillyTavern adds one per group-chat member to the user's own."""
+MAX_STOP_CHARS = 1000
+"""Characters in one stop string (they are matched against every new token)."""
+MAX_TOKEN_WINDOW = 4_194_304
+"""Tokens the penalty windows (repetition_penalty_range, dry_penalty_last_n) may look back:
+the largest context --ctx-size allows. llama.cpp allocates a window as asked, so 2**31 cost
+seconds per token (found by tests/api/test_fuzz.py)."""
+MAX_GRAMMAR_CHARS = 256 * 1024
+"""Characters in a GBNF grammar."""
+MAX_LOGIT_BIAS = 1024
+"""Entries in logit_bias."""
+MAX_BANNED_TOKENS = 4096
+"""Token ids in custom_token_bans (a list, or a comma-separated string)."""
+MAX_LIST_ITEMS = 64
+"""Entries in the small lists of names: sampler_priority, dry_sequence_breakers."""
+MAX_MESSAGES = 10_000
+"""Messages in one chat completion."""
+MAX_CONTENT_PARTS = 256
+"""Parts of one message's content when it is a list."""
+MAX_CHOICES = 128
+"""n and best_of (OpenAI's own bound); only 1 is served, a larger one is a clear 400."""
+MAX_TOP_LOGPROBS = 20
+"""Alternatives reported per token (logprobs on completions, top_logprobs on chat)."""
+MAX_TOP_LOGITS = 1000
+"""Entries /v1/internal/logits answers."""
+MAX_DECODE_TOKENS = 1 << 20
+"""Token ids in one /v1/internal/decode call."""
+MAX_EMBEDDING_INPUTS = 2048
+"""Strings in one /v1/embeddings call (OpenAI's bound)."""
+MAX_OPTIONS = 64
+"""Keys in a model load's args and settings."""
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Union members in a validation error's location ("stop", "list[constrained-str]", 3):
+# not field names, so they are left out of the `param` we report.
+_UNION_TAG = re.compile(r"[\[\-]|^(str|int|float|bool|list|dict|none)$")
+
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Seed = Annotated[int, Field(ge=-(2**31), le=2**32 - 1)]
+TokenId = Count
+
+
+def _doc(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+         enum: list[int] | None = None) -> Any:
+    """A range SamplingParams enforces, shown in the OpenAPI schema only (see the module doc)."""
+    extra: dict[str, Any] = {}
+    if low is not None:
+        extra["exclusiveMinimum" if low_open else "minimum"] = low
+    if high is not None:
+        extra["maximum"] = high
+    if enum is not None:
+        extra["enum"] = enum
+    return Field(json_schema_extra=extra)
+
+
+Unit = Annotated[float, _doc(0, 1)]
+NonNegative = Annotated[float, _doc(0)]
+Penalty = Annotated[float, _doc(-2, 2)]
+NonNegInt = Annotated[int, Field(ge=-(2**31), le=2**31 - 1), _doc(0)]
+MaxTokens = Annotated[int, Field(ge=-(2**31), le=2**31 - 1), _doc(1)]
+Window = Annotated[int, Field(ge=-(2**31), le=MAX_TOKEN_WINDOW), _doc(0)]
+StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+ShortText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Grammar = Annotated[str, Field(max_length=MAX_GRAMMAR_CHARS)]
+
+
+def capped(limit: int, min_length: int = 0) -> Any:
+    """A list's bound. fail_fast stops at its first bad item: without it a million bad token
+    ids made a million errors, and FastAPI spent 20 s turning them into one 400."""
+    return Field(min_length=min_length, max_length=limit, fail_fast=True)
+
+
+StopList = Annotated[list[StopText], capped(MAX_STOP_STRINGS)]
+
+
+def check_json(value: Any) -> None:
+    """Refuse a body nested deeper than MAX_JSON_DEPTH or holding text that is not Unicode.
+
+    A lone surrogate ("\\ud800" in JSON) decodes to a Python str that cannot be encoded to
+    UTF-8: the tokenizer, the log and any answer that echoes it would fail later, so it is
+    refused here, naming the field. Walks iteratively: a deep body must not exhaust the stack.
+    """
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(value, ())]
+    while stack:
+        node, path = stack.pop()
+        if len(path) >= MAX_JSON_DEPTH:
+            raise _body_error("json_too_deep", f"nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays",
+                              path)
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, item in items:
+            if isinstance(key, str) and _is_bad_text(key):
+                raise _bad_text(path, "a key")  # the key itself cannot be named: it is the bad text
+            if isinstance(item, str):
+                if _is_bad_text(item):
+                    raise _bad_text(path + (key,), "text")
+            elif isinstance(item, (dict, list)):
+                stack.append((item, path + (key,)))
+
+
+def _is_bad_text(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def _bad_text(path: tuple[Any, ...], what: str) -> PydanticCustomError:
+    return _body_error("invalid_unicode", f"{what} with a lone UTF-16 surrogate (such as \\ud800), which is not "
+                                          "Unicode: send valid text", path)
+
+
+def _body_error(kind: str, message: str, path: tuple[Any, ...]) -> PydanticCustomError:
+    param = ".".join(str(p) for p in path) or "body"
+    return PydanticCustomError(kind, message, {"param": param})
+
+
+def validation_param(error: dict[str, Any]) -> str | None:
+    """The field a pydantic error is about, as the client spells it ("stop", "messages.3.content")."""
+    ctx = error.get("ctx") or {}
+    if isinstance(ctx.get("param"), str):
+        return ctx["param"]
+    loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+    return ".".join(p for p in loc if not _UNION_TAG.search(p)) or None
+
+
+class Loose(BaseModel):
+    """Base of every request part: unknown keys are kept and ignored, never a 422."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class Body(Loose):
+    """Base of every request body: the raw JSON is checked (depth, text) before the fields."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_raw_json(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_json(data)
+        return data
+
 
 # Our name <- aliases clients use, first one set wins (ours first, then OpenAI, then KoboldAI).
 _ALIASES: dict[str, tuple[str, ...]] = {
@@ -35,59 +186,63 @@ _ALIASES: dict[str, tuple[str, ...]] = {
 _STOP_FIELDS = ("stop", "stopping_strings", "stop_sequence")
 
 
-class Loose(BaseModel):
-    """Base of every request: unknown keys are kept and ignored, never a 422."""
-
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
-
-
-class SamplerFields(Loose):
+class SamplerFields(Body):
     """Every sampler field of the contract, with the value types real clients send."""
 
-    max_tokens: Int32 | None = None
-    max_completion_tokens: Int32 | None = None
-    max_new_tokens: Int32 | None = None
-    max_length: Int32 | None = None
-    temperature: float | None = None
-    top_k: Int32 | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
-    typical: float | None = None
-    top_n_sigma: float | None = None
-    repetition_penalty: float | None = None
-    rep_pen: float | None = None
-    repetition_penalty_range: Int32 | None = None
-    rep_pen_range: Int32 | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    mirostat_mode: Int32 | None = None
-    mirostat: Int32 | None = None
-    mirostat_tau: float | None = None
-    mirostat_eta: float | None = None
-    dry_multiplier: float | None = None
-    dry_base: float | None = None
-    dry_allowed_length: Int32 | None = None
-    dry_penalty_last_n: Int32 | None = None
-    dry_sequence_breakers: str | list[str] | None = None
-    xtc_threshold: float | None = None
-    xtc_probability: float | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    max_new_tokens: MaxTokens | None = None
+    max_length: MaxTokens | None = None
+    temperature: NonNegative | None = None
+    top_k: NonNegInt | None = None
+    top_p: Unit | None = None
+    min_p: Unit | None = None
+    typical_p: Unit | None = None
+    typical: Unit | None = None
+    top_n_sigma: NonNegative | None = None
+    repetition_penalty: Annotated[float, _doc(0, low_open=True)] | None = None
+    rep_pen: Annotated[float, _doc(0, low_open=True)] | None = None
+    repetition_penalty_range: Window | None = None
+    rep_pen_range: Window | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    mirostat_mode: Annotated[Int32, _doc(enum=[0, 1, 2])] | None = None
+    mirostat: Annotated[Int32, _doc(enum=[0, 1, 2])] | None = None
+    mirostat_tau: NonNegative | None = None
+    mirostat_eta: NonNegative | None = None
+    dry_multiplier: NonNegative | None = None
+    dry_base: Annotated[float, _doc(1)] | None = None
+    dry_allowed_length: NonNegInt | None = None
+    dry_penalty_last_n: Window | None = None
+    dry_sequence_breakers: (Annotated[str, Field(max_length=MAX_LIST_ITEMS * MAX_STOP_CHARS)]
+                            | Annotated[list[StopText], capped(MAX_LIST_ITEMS)] | None) = None
+    xtc_threshold: Unit | None = None
+    xtc_probability: Unit | None = None
     temperature_last: bool | None = None
-    sampler_priority: list[str] | str | None = None
+    sampler_priority: (Annotated[list[ShortText], capped(MAX_LIST_ITEMS)]
+                       | Annotated[str, Field(max_length=MAX_LIST_ITEMS * 32)] | None) = None
     seed: Seed | None = None
     sampler_seed: Seed | None = None
-    stop: str | list[str] | None = None
-    stopping_strings: list[str] | str | None = None
-    stop_sequence: list[str] | str | None = None
+    stop: StopText | StopList | None = None
+    stopping_strings: StopList | StopText | None = None
+    stop_sequence: StopList | StopText | None = None
     ban_eos_token: bool | None = None
-    custom_token_bans: str | list[Count] | None = None
-    logit_bias: dict[str, float] | None = None
-    grammar_string: str | None = None
-    grammar: str | None = None
-    truncation_length: Int32 | None = None
-    max_context_length: Int32 | None = None
+    custom_token_bans: (Annotated[str, Field(max_length=MAX_BANNED_TOKENS * 8)]
+                        | Annotated[list[TokenId], capped(MAX_BANNED_TOKENS)] | None) = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    grammar_string: Grammar | None = None
+    grammar: Grammar | None = None
+    truncation_length: NonNegInt | None = None
+    max_context_length: NonNegInt | None = None
     add_bos_token: bool | None = None
     skip_special_tokens: bool | None = None
+
+    @field_validator("custom_token_bans")
+    @classmethod
+    def _count_bans(cls, value: str | list[int] | None) -> str | list[int] | None:
+        if isinstance(value, str) and value.count(",") + value.count(";") >= MAX_BANNED_TOKENS:
+            raise ValueError(f"at most {MAX_BANNED_TOKENS} token ids")
+        return value
 
     def max_tokens_given(self) -> bool:
         return any(getattr(self, name) is not None for name in _ALIASES["max_new_tokens"])
@@ -130,16 +285,21 @@ class StreamOptions(Loose):
     include_usage: bool = False
 
 
+Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]
+
+
 class CompletionRequest(SamplerFields):
     """POST /v1/completions (also what SillyTavern's text-completion presets send)."""
 
     model: str | None = None
-    prompt: str | list[str] | list[Int32]
+    prompt: (str | Annotated[list[str], capped(MAX_PROMPTS)]
+             | Annotated[list[TokenId], capped(MAX_PROMPT_TOKENS)])
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    n: Annotated[int, Field(ge=1, le=2**31 - 1)] = 1
+    logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    n: Choices = 1
+    best_of: Choices | None = None
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt to complete: a string, or a list of token ids."""
@@ -159,7 +319,7 @@ class TextPart(Loose):
 
 class ChatMessage(Loose):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | Annotated[list[TextPart], capped(MAX_CONTENT_PARTS)] | None = None
     name: str | None = None
 
     def text(self) -> str:
@@ -182,12 +342,12 @@ class ChatCompletionRequest(SamplerFields):
     """POST /v1/chat/completions with ooba's extras (mode, character, instruction_template...)."""
 
     model: str | None = None
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], capped(MAX_MESSAGES)]
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=2**31 - 1)] = 1
+    n: Choices = 1
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
     mode: Literal["chat", "chat-instruct", "instruct"] = "instruct"
     character: str | None = None
@@ -206,26 +366,26 @@ class ChatCompletionRequest(SamplerFields):
 
 
 # --------------------------------------------------------------------------- internal (ooba)
-class EncodeRequest(Loose):
+class EncodeRequest(Body):
     text: str
     add_bos_token: bool = True
 
 
-class DecodeRequest(Loose):
-    tokens: list[Count]
+class DecodeRequest(Body):
+    tokens: Annotated[list[TokenId], capped(MAX_DECODE_TOKENS)]
     skip_special_tokens: bool = True
 
 
-class LoadModelRequest(Loose):
+class LoadModelRequest(Body):
     model_name: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    args: Annotated[dict[str, Any], Field(max_length=MAX_OPTIONS)] = Field(default_factory=dict)
     """Loader options (ctx_size, threads, n_gpu_layers...) and `loader` to choose one."""
-    settings: dict[str, Any] = Field(default_factory=dict)
+    settings: Annotated[dict[str, Any], Field(max_length=MAX_OPTIONS)] = Field(default_factory=dict)
 
 
 class LogitsRequest(SamplerFields):
     prompt: str
-    top_logits: Annotated[int, Field(ge=1, le=1000)] = 50
+    top_logits: Annotated[int, Field(ge=1, le=MAX_TOP_LOGITS)] = 50
     use_samplers: bool = False
 
 
@@ -236,14 +396,14 @@ class KoboldGenerateRequest(SamplerFields):
     prompt: str
 
 
-class KoboldTokenCountRequest(Loose):
+class KoboldTokenCountRequest(Body):
     prompt: str
     special: bool = False
 
 
-class EmbeddingsRequest(Loose):
+class EmbeddingsRequest(Body):
     """POST /v1/embeddings."""
 
     model: str | None = None
-    input: str | list[str]
+    input: str | Annotated[list[str], capped(MAX_EMBEDDING_INPUTS, min_length=1)]
     encoding_format: Literal["float", "base64"] = "float"

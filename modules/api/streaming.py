@@ -10,7 +10,6 @@ watches for the disconnect while the generation runs, for the same reason.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
@@ -19,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from modules.api.errors import error_body
+from modules.api.errors import SPACED, error_body, json_text
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,7 +29,8 @@ _POLL_S = 0.05
 
 
 def sse_data(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    """One SSE event; `json_text` keeps it encodable (a failed chunk would cut the stream)."""
+    return f"data: {json_text(payload, SPACED)}\n\n"
 
 
 def kobold_event(payload: dict[str, Any]) -> str:
