@@ -3,9 +3,10 @@
 Templates are Jinja2 in Hugging Face's chat-template dialect (`messages`,
 `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`, `strftime_now`,
 `tojson`), so a model's own `chat_template` and ooba's instruction-template YAML files both
-work unchanged. They are untrusted code (a GGUF from the Hub carries one), so they run in an
-`ImmutableSandboxedEnvironment` with limits on the obvious memory bombs, and every failure
-comes back as `InvalidRequestError(param="instruction_template")`, never as a crash.
+work unchanged. They are untrusted code (a GGUF from the Hub carries one), so they run in
+template_sandbox's `BoundedSandbox`, each render under a time, loop and memory budget, and
+every failure comes back as `InvalidRequestError(param="instruction_template")`, never as a
+crash, a hang or an exhausted machine.
 
 Which template a model gets (`choose_template`), highest first:
   1. the user's explicit choice (a name in instruction-templates/);
@@ -32,13 +33,20 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import yaml
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from modules.chat.template_sandbox import (
+    MAX_LOOP_STEPS,
+    MAX_TEXT_CHARS,
+    PARAM,
+    RENDER_TIME_LIMIT_S,
+    BoundedSandbox,
+    guard_filter,
+    render_budget,
+    text_of,
+)
 from modules.errors import InvalidRequestError, TemplateNotFoundError
 from modules.paths import atomic_write_text, check_name, safe_join
 
-PARAM = "instruction_template"
-"""The request field every template error names."""
 TEMPLATE_SUFFIXES = (".yaml", ".yml", ".jinja")
 """Files TemplateStore reads, in the order a name is looked up."""
 FALLBACK_TEMPLATE = "ChatML"
@@ -46,9 +54,6 @@ MODEL_TEMPLATE_NAME = "(model's template)"
 """TemplateChoice.name when the model's own chat template is used; as a user choice it means "automatic"."""
 CACHE_SIZE = 64
 """Compiled templates kept per renderer: a few models and user templates, each compiled once."""
-MAX_TEXT_CHARS = 16_000_000
-"""Longest prompt (or string built inside a template) accepted: ~4M tokens, far past any context."""
-MAX_EXPONENT = 4096
 
 CHATML_SOURCE = (
     "{%- for message in messages %}\n"
@@ -103,47 +108,6 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"a namespace cannot hold the attribute {name!r}")
 
 
-class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, plus size checks on `*`, `**` and `+`.
-
-    The sandbox already blocks attribute escapes and caps `range()`; what it lets through
-    is `'x' * 10**10` or a string doubled in a loop, which would take the process's memory
-    before any output limit could see it. (`~` and filters such as `center` are not
-    checked: this stops the obvious bombs, it does not make rendering constant-time.)
-    """
-
-    intercepted_binops = frozenset({"*", "**", "+"})
-
-    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(right, int) and right > MAX_EXPONENT and _is_big_base(left):
-            raise jinja2.exceptions.SecurityError(f"the exponent {right} is too large")
-        if operator == "*":
-            size = _repeat_size(left, right) or _repeat_size(right, left)
-            if size > MAX_TEXT_CHARS:
-                raise jinja2.exceptions.SecurityError(f"the result would hold {size} items, over {MAX_TEXT_CHARS}")
-        if operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
-            if len(left) + len(right) > MAX_TEXT_CHARS:
-                raise jinja2.exceptions.SecurityError(f"the result would be longer than {MAX_TEXT_CHARS}")
-        return super().call_binop(context, operator, left, right)
-
-    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
-        # Jinja's sandbox answers `''.__class__` with an Undefined that prints as "": safe,
-        # but a template probing for an escape should be told no, not rendered silently.
-        raise jinja2.exceptions.SecurityError(
-            f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is not allowed"
-        )
-
-
-def _is_big_base(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > 1
-
-
-def _repeat_size(sequence: Any, count: Any) -> int:
-    if isinstance(sequence, (str, list, tuple)) and isinstance(count, int) and not isinstance(count, bool):
-        return len(sequence) * max(count, 0)
-    return 0
-
-
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     # Jinja's own tojson HTML-escapes `<>&'` and takes no ensure_ascii; chat templates are
@@ -152,7 +116,20 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
 
 
 def _raise_exception(message: object) -> None:
-    raise InvalidRequestError(f"the instruction template refused this chat: {message}", PARAM)
+    text = text_of(message)  # a container in the message is measured before it is printed
+    if len(text) > 2000:  # an error message, not a way to smuggle the prompt out
+        text = text[:2000] + "…"
+    raise InvalidRequestError(f"the instruction template refused this chat: {text}", PARAM)
+
+
+def _strftime_now(now: Callable[[], datetime]) -> Callable[[str], str]:
+    def strftime_now(fmt: str) -> str:
+        if isinstance(fmt, str) and len(fmt) > 1000:  # each directive may print dozens of characters
+            raise InvalidRequestError(f"the instruction template gives strftime_now a format of {len(fmt):,} "
+                                      "characters", PARAM)
+        return now().strftime(fmt)
+
+    return strftime_now
 
 
 @dataclass
@@ -168,18 +145,23 @@ class TemplateRenderer:
     """Renders Jinja2 chat templates in a sandbox, compiling each distinct source once.
 
     One renderer is built by the app and shared; it is thread-safe (the cache is locked,
-    compiled templates are reentrant). `now` is the clock behind `strftime_now`, injectable
-    so tests can render date-stamped templates deterministically.
+    compiled templates are reentrant, each render's budget is its own). `now` is the clock
+    behind `strftime_now`, injectable so tests can render date-stamped templates
+    deterministically; `time_limit` (seconds of wall time) and `max_loop_steps` bound each
+    render, and are lowered only by tests.
     """
 
-    def __init__(self, cache_size: int = CACHE_SIZE, now: Callable[[], datetime] = datetime.now) -> None:
-        self._env = _BoundedSandbox(
+    def __init__(self, cache_size: int = CACHE_SIZE, now: Callable[[], datetime] = datetime.now, *,
+                 time_limit: float = RENDER_TIME_LIMIT_S, max_loop_steps: int = MAX_LOOP_STEPS) -> None:
+        self._env = BoundedSandbox(
             trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag],
         )
-        self._env.filters["tojson"] = _tojson
+        self._env.filters["tojson"] = guard_filter("tojson", _tojson)
         self._env.globals["raise_exception"] = _raise_exception
-        self._env.globals["strftime_now"] = lambda fmt: now().strftime(fmt)
+        self._env.globals["strftime_now"] = _strftime_now(now)
         self._env.globals["namespace"] = _Namespace
+        self._time_limit = time_limit
+        self._max_loop_steps = max_loop_steps
         self._cache: OrderedDict[str, jinja2.Template] = OrderedDict()
         self._cache_size = max(1, cache_size)
         self._lock = threading.Lock()
@@ -207,6 +189,9 @@ class TemplateRenderer:
             ) from exc
         except jinja2.TemplateError as exc:
             raise InvalidRequestError(f"the instruction template does not compile: {exc}", PARAM) from exc
+        except RecursionError as exc:  # `((((...))))` a few thousand deep overflows Jinja's parser
+            raise InvalidRequestError("the instruction template does not compile: it is nested too deeply",
+                                      PARAM) from exc
         with self._lock:
             self.stats.misses += 1
             self._cache[source] = template
@@ -222,14 +207,14 @@ class TemplateRenderer:
         `extra` reaches the template as variables too (`tools`, `date_string`,
         `enable_thinking`...); `tools` and `documents` default to None as in transformers.
         Every failure (syntax, sandbox violation, `raise_exception`, a type error inside the
-        template, a result over MAX_TEXT_CHARS) raises InvalidRequestError naming
-        "instruction_template"; the messages given are never modified.
+        template, a result over MAX_TEXT_CHARS, the time, loop or memory budget spent) raises
+        InvalidRequestError naming "instruction_template"; the messages given are never modified.
         """
         template = self.compile(source)
         variables = {"tools": None, "documents": None, **_plain(extra)}
         variables.update(messages=_plain_messages(messages), add_generation_prompt=bool(add_generation_prompt),
                          bos_token=bos_token or "", eos_token=eos_token or "")
-        return _render_bounded(template, variables)
+        return _render_bounded(template, variables, self._time_limit, self._max_loop_steps)
 
     def render_continuing(self, source: str, messages: Iterable[Any], *, bos_token: str = "",
                           eos_token: str = "", **extra: Any) -> str:
@@ -262,23 +247,29 @@ class TemplateRenderer:
         return text[:cut]
 
 
-def _render_bounded(template: jinja2.Template, variables: dict[str, Any]) -> str:
-    """Render `template`, turning every template failure into InvalidRequestError."""
+def _render_bounded(template: jinja2.Template, variables: dict[str, Any], time_limit: float,
+                    max_loop_steps: int) -> str:
+    """Render `template` under a fresh budget, turning every template failure into InvalidRequestError."""
     parts: list[str] = []
     size = 0
     try:
-        # generate() streams the output, so a runaway template is stopped at the limit
-        # instead of after it has built the whole string.
-        for part in template.generate(**variables):
-            size += len(part)
-            if size > MAX_TEXT_CHARS:
-                raise InvalidRequestError(f"the instruction template produced over {MAX_TEXT_CHARS} characters",
-                                          PARAM)
-            parts.append(part)
+        # The budget is reset on the way out, however the render ends: the next render on
+        # this thread starts from nothing.
+        with render_budget(time_limit, max_loop_steps):
+            # generate() streams the output, so a runaway template is stopped at the limit
+            # instead of after it has built the whole string.
+            for part in template.generate(**variables):
+                size += len(part)
+                if size > MAX_TEXT_CHARS:
+                    raise InvalidRequestError(f"the instruction template produced over {MAX_TEXT_CHARS} characters",
+                                              PARAM)
+                parts.append(part)
     except jinja2.TemplateError as exc:
         raise InvalidRequestError(f"the instruction template failed: {exc}", PARAM) from exc
-    except (TypeError, ValueError, LookupError, ArithmeticError, AttributeError, RecursionError) as exc:
-        # A template bug such as `'text' + 1` or a message without "content".
+    except (TypeError, ValueError, LookupError, ArithmeticError, AttributeError, RecursionError, MemoryError,
+            AssertionError) as exc:
+        # A template bug such as `'text' + 1`, a message without "content", or a filter's own
+        # assertion on its arguments (`'x'|truncate(1)`).
         raise InvalidRequestError(f"the instruction template failed: {type(exc).__name__}: {exc}", PARAM) from exc
     return "".join(parts)
 
