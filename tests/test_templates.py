@@ -421,3 +421,17 @@ def write_goldens(names: list[str]) -> None:
 
 if __name__ == "__main__":
     write_goldens(sys.argv[1:] or SHIPPED)
+
+
+def test_template_yaml_and_model_patterns_with_aliases_are_refused(tmp_path):
+    from modules.chat.templates import TemplateRenderer, TemplateStore, load_model_patterns
+
+    folder = tmp_path / "instruction-templates"
+    folder.mkdir()
+    (folder / "Bomb.yaml").write_text("a: &a ['x', 'x']\nb: &b [*a, *a]\ninstruction_template: '{{ 1 }}'\n")
+    with pytest.raises(InvalidRequestError, match="aliases"):
+        TemplateStore(folder, TemplateRenderer()).load("Bomb")
+    patterns = tmp_path / "config.yaml"
+    patterns.write_text("x: &x 1\ninstruction_templates: [*x]\n")
+    with pytest.raises(InvalidRequestError, match="aliases"):
+        load_model_patterns(patterns)

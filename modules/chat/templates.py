@@ -46,6 +46,7 @@ from modules.chat.template_sandbox import (
 )
 from modules.errors import InvalidRequestError, TemplateNotFoundError
 from modules.paths import atomic_write_text, check_name, safe_join
+from modules.safe_yaml import check_size, load_yaml, load_yaml_file
 
 TEMPLATE_SUFFIXES = (".yaml", ".yml", ".jinja")
 """Files TemplateStore reads, in the order a name is looked up."""
@@ -349,6 +350,7 @@ class TemplateStore:
                                         PARAM)
         path = found[0]
         try:
+            check_size(path.stat().st_size, f"{self.folder.name}/{path.name}", PARAM)
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise InvalidRequestError(f"{self.folder.name}/{path.name} cannot be read: {exc}", PARAM) from exc
@@ -395,7 +397,7 @@ def _is_valid_name(name: str) -> bool:
 def _source_from_yaml(text: str, label: str) -> str:
     """The `instruction_template` string of an ooba-style YAML file, or a clear error."""
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, label, PARAM)
     except yaml.YAMLError as exc:
         raise InvalidRequestError(f"{label} is not valid YAML: {exc}", PARAM) from exc
     if isinstance(data, dict) and isinstance(data.get("instruction_template"), str):
@@ -465,7 +467,7 @@ def load_model_patterns(path: Path) -> list[TemplatePattern]:
         return []
     label = f"{path.parent.name}/{path.name}"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_file(path, label, PARAM)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"{label} is not valid YAML: {exc}", PARAM) from exc
     if data is None:

@@ -264,3 +264,74 @@ def test_disconnecting_client_stops_only_its_own_request(served):
 def test_model_load_args_cannot_widen_exposure_and_are_checked(client, args, param):
     resp = client.post("/v1/internal/model/load", json={"model_name": "fake.gguf", "args": {"loader": "fake", **args}})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == param
+
+
+# --- hostile files: each fails its own request quickly; the server keeps generating ----------
+TEMPLATE_BOMB = ("{% set ns = namespace(s='x') %}{% for i in range(100000) %}{% set ns.s = ns.s ~ ns.s %}"
+                 "{% endfor %}{{ ns.s }}")
+SPIN_BOMB = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+YAML_BOMB = "\n".join(["a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]"]
+                      + [f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},"
+                         f"*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]"
+                         for i in range(8)] + ["name: Bomb", "context: *i"])
+
+
+def _deep_gguf(depth: int) -> bytes:
+    """A GGUF header whose one value is an array of arrays `depth` deep."""
+    import struct
+
+    value = b""
+    for _ in range(depth):
+        value = struct.pack("<IQ", 9, 1) + value  # array of 1 array ...
+    value += struct.pack("<IQ", 4, 0)  # ... of 0 uint32
+    key = b"evil.nested"
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<I", 9) + value
+
+
+def _still_generates(client: Client) -> None:
+    status, _, body = client.request("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3}, timeout=10)
+    assert status == 200 and json.loads(body)["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("template", [TEMPLATE_BOMB, SPIN_BOMB])
+def test_a_template_bomb_in_the_model_fails_its_request_fast(served, template):
+    app, fake, port = served
+    fake.script = script_text("ok ok ok ok")
+    fake.info = dataclasses.replace(fake.info, chat_template=template)
+    client = Client(port)
+    started = time.perf_counter()
+    status, _, body = client.request("POST", "/v1/chat/completions",
+                                     {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert time.perf_counter() - started < 2.0
+    assert status == 400 and json.loads(body)["error"]["param"] == "instruction_template"
+    _still_generates(client)
+
+
+def test_a_yaml_alias_bomb_character_fails_its_request_fast(served):
+    app, fake, port = served
+    fake.script = script_text("ok ok ok ok")
+    (app.root / "characters").mkdir(exist_ok=True)
+    (app.root / "characters" / "Bomb.yaml").write_text(YAML_BOMB)
+    client = Client(port)
+    started = time.perf_counter()
+    status, _, body = client.request("POST", "/v1/chat/completions",
+                                     {"messages": [{"role": "user", "content": "hi"}], "character": "Bomb",
+                                      "mode": "chat", "max_tokens": 3})
+    assert time.perf_counter() - started < 2.0 and status == 400, body
+    assert "alias" in json.loads(body)["error"]["message"]
+    _still_generates(client)
+
+
+def test_a_gguf_with_deeply_nested_arrays_is_a_clear_load_error(served, tmp_path):
+    pytest.importorskip("llama_cpp")
+    app, fake, port = served
+    fake.script = script_text("ok ok ok ok")
+    (app.models.models_dir / "deep.gguf").write_bytes(_deep_gguf(10_000))
+    client = Client(port)
+    started = time.perf_counter()
+    status, _, body = client.request("POST", "/v1/internal/model/load", {"model_name": "deep.gguf"})
+    assert time.perf_counter() - started < 2.0 and status == 400, body
+    assert "GGUF" in json.loads(body)["error"]["message"]
+    app.models.load("fake.gguf", loader="fake", overrides={"ctx_size": 4096})  # the failed load unloaded it
+    app.models.current.script = script_text("ok ok ok ok")
+    _still_generates(client)
