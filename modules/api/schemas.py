@@ -76,8 +76,9 @@ TokenId = Count
 
 
 def _doc(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-         enum: list[int] | None = None) -> Any:
-    """A range SamplingParams enforces, shown in the OpenAPI schema only (see the module doc)."""
+         enum: list[Any] | None = None) -> Any:
+    """A rule checked later (by SamplingParams or the job), shown in the OpenAPI schema only (see
+    the module doc): the OpenAPI page tells clients, and a fuzzer draws mostly acceptable bodies."""
     extra: dict[str, Any] = {}
     if low is not None:
         extra["exclusiveMinimum" if low_open else "minimum"] = low
@@ -227,9 +228,11 @@ class SamplerFields(Body):
     stopping_strings: StopList | StopText | None = None
     stop_sequence: StopList | StopText | None = None
     ban_eos_token: bool | None = None
-    custom_token_bans: (Annotated[str, Field(max_length=MAX_BANNED_TOKENS * 8)]
+    custom_token_bans: (Annotated[str, Field(max_length=MAX_BANNED_TOKENS * 8, json_schema_extra={
+                            "pattern": "^[0-9,; ]*$"})]
                         | Annotated[list[TokenId], capped(MAX_BANNED_TOKENS)] | None) = None
-    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS)] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={
+        "propertyNames": {"pattern": "^[0-9]+$"}})] | None = None
     grammar_string: Grammar | None = None
     grammar: Grammar | None = None
     truncation_length: NonNegInt | None = None
@@ -285,7 +288,7 @@ class StreamOptions(Loose):
     include_usage: bool = False
 
 
-Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES)]
+Choices = Annotated[int, Field(ge=1, le=MAX_CHOICES), _doc(1, 1)]  # one choice is served; more: a clear 400
 
 
 class CompletionRequest(SamplerFields):
@@ -313,7 +316,7 @@ class CompletionRequest(SamplerFields):
 
 
 class TextPart(Loose):
-    type: str = "text"
+    type: Annotated[str, _doc(enum=["text"])] = "text"
     text: str | None = None
 
 
@@ -335,14 +338,14 @@ class ChatMessage(Loose):
 
 
 class ResponseFormat(Loose):
-    type: str = "text"
+    type: Annotated[str, _doc(enum=["text"])] = "text"
 
 
 class ChatCompletionRequest(SamplerFields):
     """POST /v1/chat/completions with ooba's extras (mode, character, instruction_template...)."""
 
     model: str | None = None
-    messages: Annotated[list[ChatMessage], capped(MAX_MESSAGES)]
+    messages: Annotated[list[ChatMessage], capped(MAX_MESSAGES, min_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Choices = 1

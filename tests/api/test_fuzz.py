@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ class FuzzedServer(ApiServer):
         self.calls = 0
         self.started = time.monotonic()
         self.per_operation: dict[str, list[float]] = {}
+        self.statuses: dict[str, Counter[int]] = {}
         self._seen = 0
         import requests
 
@@ -87,7 +89,8 @@ def fuzz_api(tmp_path_factory: pytest.TempPathFactory, tiny_kit) -> FuzzedServer
         elapsed = time.monotonic() - server.started
         print(f"\nfuzz: {server.calls} requests in {elapsed:.1f} s (seed {SEED}, {EXAMPLES} examples per operation)")
         for label, times in sorted(server.per_operation.items(), key=lambda item: -sum(item[1])):
-            print(f"  {label}: {len(times)} requests, {sum(times):.1f} s")
+            statuses = ", ".join(f"{n} x {s}" for s, n in sorted(server.statuses.get(label, Counter()).items()))
+            print(f"  {label}: {len(times)} requests in {sum(times):.1f} s ({statuses})")
         assert "Exception in ASGI application" not in log, log
 
 
@@ -145,8 +148,9 @@ def test_no_input_gets_a_5xx_or_drops_the_connection(case: Any, fuzz_api: Fuzzed
     fuzz_api.calls += 1
     start = time.monotonic()
     try:
-        case.call_and_validate(base_url=fuzz_api.base, session=fuzz_api.session, headers=AUTH,
-                               checks=[not_a_server_error], timeout=60)
+        response = case.call_and_validate(base_url=fuzz_api.base, session=fuzz_api.session, headers=AUTH,
+                                          checks=[not_a_server_error], timeout=60)
+        fuzz_api.statuses.setdefault(case.operation.label, Counter())[response.status_code] += 1
     finally:
         fuzz_api.per_operation.setdefault(case.operation.label, []).append(time.monotonic() - start)
         logged = fuzz_api.new_log()
