@@ -185,9 +185,15 @@ def _validation_body(exc: RequestValidationError) -> dict[str, Any]:
 
 
 def _http_body(exc: StarletteHTTPException) -> dict[str, Any]:
-    message = str(exc.detail)
-    if isinstance(exc.__cause__, RecursionError):  # json.loads on a body nested thousands deep
+    # FastAPI answers "There was an error parsing the body" for whatever json.loads raised but
+    # a JSONDecodeError; the cause says which, and a client can act on that.
+    message, cause = str(exc.detail), exc.__cause__
+    if isinstance(cause, RecursionError):  # json.loads on a body nested thousands deep
         message = f"the request body nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays"
+    elif isinstance(cause, UnicodeDecodeError):
+        message = f"the request body is not UTF-8 text (byte {cause.start}); JSON must be"
+    elif isinstance(cause, ValueError):  # an integer of more than 4300 digits, say
+        message = f"the request body could not be read as JSON: {cause}"
     return {"error": {"message": message, "type": _HTTP_TYPES.get(exc.status_code, "invalid_request_error"),
                       "param": None, "code": None}}
 

@@ -221,6 +221,12 @@ def test_json_nested_beyond_the_parser_is_a_400(client, model):
     assert f"deeper than {MAX_JSON_DEPTH} levels" in err["message"]
 
 
+def test_a_body_json_cannot_read_is_a_400_that_says_why(client, model):
+    for raw, why in ((b'{"prompt": "\xff\xfe"}', "not UTF-8"), (b'{"prompt": "x", "n": ' + b"9" * 5000 + b"}", "digits")):
+        err = _error(client.post("/v1/completions", content=raw, headers={"content-type": "application/json"}))
+        assert why in err["message"], err
+
+
 def test_a_body_that_is_not_an_object_is_a_400(client, model):
     for raw in (b"[]", b'"x"', b"1", b"null", b"[" * 40 + b"]" * 40):
         assert _error(client.post("/v1/completions", content=raw, headers={"content-type": "application/json"}))
