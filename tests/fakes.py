@@ -21,7 +21,7 @@ from pathlib import Path
 
 from loaders import register_loader
 from loaders.base import Capabilities, LoaderBase, ModelInfo, Step, TokenLogprobs, check_prompt_ids
-from modules.errors import InvalidRequestError
+from modules.errors import InvalidRequestError, ModelNotLoadedError
 from modules.sampling import SAMPLER_NAMES, SamplingParams
 
 BOS, EOS = 256, 257
@@ -68,13 +68,16 @@ class FakeLoader(LoaderBase):
         self.script_logprobs = list(numbers)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        self._require_loaded()
         return ([BOS] if add_bos else []) + list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        self._require_loaded()
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event) -> Iterator[Step]:
         """Replay the script, skipping banned tokens (greedy decoding would pick the next best)."""
+        self._require_loaded()
         self.seen_prompts.append(list(prompt_ids))
         self.seen_params.append(params)
         check_prompt_ids(prompt_ids, self.info.context_length, self.info.vocab_size)
@@ -88,7 +91,7 @@ class FakeLoader(LoaderBase):
         room = self.info.context_length - len(prompt_ids)
         sent = 0
         for index, token in enumerate(self.script):
-            if stop_event.is_set() or sent >= room:
+            if stop_event.is_set() or sent >= room or self.unloaded:
                 return
             if token in banned:
                 continue
@@ -107,6 +110,10 @@ class FakeLoader(LoaderBase):
 
     def unload(self) -> None:
         self.unloaded = True
+
+    def _require_loaded(self) -> None:
+        if self.unloaded:
+            raise ModelNotLoadedError(f"{self.info.name} has been unloaded")
 
 
 def script_text(text: str) -> list[int]:
