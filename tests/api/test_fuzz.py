@@ -2,16 +2,20 @@
 
 The server is uvicorn in a child process (tests/api/api_server.py) with the kit's f32 GGUF on
 one thread and a 512-token context. The schema is made by `create_app` at collection, since
-pytest must know the operations before the server starts; the first test checks it is the one
-the server serves at /openapi.json. schemathesis draws bodies, path values and query strings
-from /openapi.json, valid ones and invalid ones (wrong types, out-of-range numbers, missing
-fields, deep or odd JSON), and each must get an answer below 500 with the connection intact:
-a transport error fails the case, and so does any traceback or "Exception in ASGI
-application" in the server's log (the line uvicorn writes when it drops a connection).
+pytest must know the operations before the server starts (schemathesis.pytest.from_fixture
+would read it from the server, but it sets `Function._nodeid`, which pytest 9.2 no longer
+has); the first test checks it is the one the server serves at /openapi.json.
 
-Bounded for CI (under ~90 s on 2 cores): a few examples per operation, every generation cut to
-a handful of tokens, the model unload route left to the last test. FUZZ_SEED=n draws another
-set of examples, FUZZ_EXAMPLES=n more of them; a failure prints the seed and a curl line.
+schemathesis draws bodies and path values from that schema: every field at its bounds and
+just past them (its coverage phase), then random valid and invalid ones (wrong types,
+out-of-range numbers, missing fields). Each must get an answer below 500 with the connection
+intact: a transport error fails the case, and so does a traceback, an ERROR line or
+"Exception in ASGI application" (what uvicorn writes when it drops a connection) in the
+server's log.
+
+Bounded for CI (about 35 s on 2 cores): 20 random examples per operation, every generation cut
+to MAX_TOKENS, the model unload route left to the last test. FUZZ_SEED=n draws other examples,
+FUZZ_EXAMPLES=n more of them; run with -s for a summary of requests and statuses per operation.
 """
 
 from __future__ import annotations
