@@ -52,10 +52,12 @@ class App:
         renderer = TemplateRenderer()
         templates = TemplateStore(root / "instruction-templates", renderer)
         history = HistoryStore(root / "logs" / "chat")
+        characters, personas = CharacterStore(root / "characters"), PersonaStore(root / "personas")
         chat = ChatService(generator, models, renderer, save=history.save, templates=templates,
-                           patterns_file=root / "models" / "config.yaml", extensions=extensions)
+                           patterns_file=root / "models" / "config.yaml", extensions=extensions,
+                           characters=characters, personas=personas)
         app = cls(root=root, settings=settings, models=models, generator=generator,
-                  characters=CharacterStore(root / "characters"), personas=PersonaStore(root / "personas"),
+                  characters=characters, personas=personas,
                   templates=templates, history=history, chat=chat, extensions=extensions)
         extensions.context = app  # setup(app) may keep it, e.g. to generate through app.generator
         extensions.enable(settings.extensions)  # a broken one is logged and skipped: the app always starts

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from modules.chat.prompt import GREETING_META
 from modules.chat.service import ChatService, ChatSetup
-from modules.chat.types import ASSISTANT, USER, Character, Persona
+from modules.chat.types import ASSISTANT, USER, Character, Message, Persona
 from modules.errors import ContextLengthExceededError, InvalidRequestError
 from modules.sampling import SamplingParams
 from tests.fakes import EOS, script_text
@@ -14,6 +15,8 @@ from tests.test_chat_prompt import SimpleRenderer
 ALICE = Character(name="Alice", greeting="Hello!", context="Alice is a librarian.")
 SETUP = ChatSetup(character=ALICE, persona=Persona(name="Bob"))
 PARAMS = SamplingParams(temperature=0, max_new_tokens=40)
+ALICE_GREETING = Message(ASSISTANT, "Hello!", meta={GREETING_META: True})
+HI = Message(USER, "Hi")
 
 
 @pytest.fixture
@@ -151,3 +154,27 @@ def test_two_sessions_sending_to_one_saved_chat_lose_no_message(app, fake, tmp_p
         opened.id: ["Hello!", "Hi", "first reply", "from A", "to A"],
         tab_b.id: ["Hello!", "Hi", "first reply", "from B", "to B", "B again", "again"],
     }
+
+
+def test_prepare_gives_the_prompt_and_the_params_with_its_stop_strings(service, fake):
+    prepared = service.prepare([ALICE_GREETING, HI], SETUP, PARAMS.replace(stop=["END", "\nBob:"]), is_api=True,
+                               save=False)
+    assert prepared.prompt.text.endswith("Alice: Hello!\nBob: Hi\nAlice:")
+    assert prepared.params.stop == ["END", "\nBob:", "\nAlice:"]  # the caller's first, no duplicates
+    assert prepared.params.max_new_tokens == PARAMS.max_new_tokens and prepared.save is False
+
+
+def test_an_action_told_not_to_save_leaves_the_store_alone(service, fake):
+    chat = service.new_chat(SETUP)
+    fake.script = script_text(" unsaved") + [EOS]
+    service.send(chat, "Hi", SETUP, PARAMS, save=False).result()
+    assert chat.messages[-1].content == "unsaved" and service.saved == []
+    service.regenerate(chat, SETUP, PARAMS).result()  # the UI's default: saved
+    assert len(service.saved) == 1
+
+
+def test_setup_without_stores_says_what_is_missing(service):
+    with pytest.raises(InvalidRequestError, match="no characters"):
+        service.setup("Alice", "chat", None)
+    assert service.persona("Ann", "A pirate.") == Persona("Ann", "A pirate.")
+    assert service.persona() == Persona("You")  # no persona store: the built-in default

@@ -1,7 +1,8 @@
 """The chat side of the extension hooks: everything from the user's text to the prompt.
 
-ChatService.build calls `build_with_hooks` when an extension is enabled, for the UI's
-chat actions and the API's chat completions alike. Order (docs/EXTENSIONS.md):
+ChatService.build calls `build_with_hooks` when an extension is enabled, inside
+ChatService.prepare: the one chat path of the UI's chat actions and the API's chat
+completions alike (`is_api` in the state tells them apart). Order (docs/EXTENSIONS.md):
 state_modifier -> chat_input_modifier -> input_modifier (new user text only) ->
 history_modifier -> custom_generate_chat_prompt (first answer wins) or build_prompt ->
 bot_prefix_modifier (a fresh reply only). The generator then runs custom_generate_reply,

@@ -1,10 +1,17 @@
 """Chat actions over the generator: send, regenerate (a new swipe), continue, start the
 reply with given words, impersonate, swipe, edit, remove the last exchange.
 
+Both faces share one chat path: `ChatService.setup` turns what a face was given (character,
+mode, template, your name and persona) into a ChatSetup, and `ChatService.prepare` turns
+messages + setup + sampling params into what is generated (the fitted prompt with the
+extension hooks applied, and the params with the prompt's stop strings). The Chat tab's
+actions below and the API's chat completions (modules/api/completions.py) both call them;
+each face only maps its own input and output.
+
 Each generating action returns a ChatStream: iterate it for GenerationChunks while the
-chat's last message is updated in place, so the UI redraws from the chat and the API
-sends the deltas. The chat is saved when the stream ends, also when it was stopped, so a
-half-written reply is never lost.
+chat's last message is updated in place, so the UI redraws from the chat. The chat is
+saved when the stream ends, also when it was stopped, so a half-written reply is never
+lost; `prepare(save=...)` says so explicitly: the UI's actions save, the API never does.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from modules.chat.characters import DEFAULT_CHARACTER, DEFAULT_PERSONA, CharacterStore, PersonaStore
 from modules.chat.hooks import build_with_hooks
 from modules.chat.prompt import (
     CHAT,
@@ -21,6 +29,7 @@ from modules.chat.prompt import (
     DEFAULT_CHAT_INSTRUCT_COMMAND,
     GREETING_META,
     IMPERSONATE,
+    MODES,
     REPLY,
     BuiltPrompt,
     PromptOptions,
@@ -38,6 +47,10 @@ from modules.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
+AUTO_TEMPLATE = "auto"
+"""The template choice that means "automatic" (as None and "" do): the UI's dropdown shows it,
+and API clients send it as instruction_template."""
+
 
 @dataclass
 class ChatSetup:
@@ -50,6 +63,18 @@ class ChatSetup:
     """Jinja2 source of the instruction template (instruct and chat-instruct modes)."""
     chat_instruct_command: str = DEFAULT_CHAT_INSTRUCT_COMMAND
     system_message: str = ""
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """What one chat generation sends to the generator, the same for every face."""
+
+    prompt: BuiltPrompt
+    """The fitted prompt (extension hooks applied); `prompt.state` is the hooks' state."""
+    params: SamplingParams
+    """The caller's params with the prompt's stop strings merged in (the caller's first)."""
+    save: bool
+    """Whether the chat is saved when its generation ends: the UI's actions save, the API never does."""
 
 
 class ChatStream:
@@ -111,7 +136,8 @@ class ChatService:
     def __init__(self, generator: Generator, models: ModelManager, renderer: Renderer,
                  save: Callable[[Chat], object] | None = None,
                  templates: TemplateStore | None = None, patterns_file: Path | None = None,
-                 extensions: ExtensionRegistry | None = None) -> None:
+                 extensions: ExtensionRegistry | None = None, characters: CharacterStore | None = None,
+                 personas: PersonaStore | None = None) -> None:
         self.generator = generator
         self.extensions = extensions
         self.models = models
@@ -119,16 +145,61 @@ class ChatService:
         self._save = save
         self.templates = templates
         self.patterns_file = patterns_file
+        self.characters = characters
+        self.personas = personas
 
     def choose_template(self, user_choice: str | None = None) -> TemplateChoice:
         """The instruction template for the loaded model: the user's choice, else the model's
-        own, else the first models/config.yaml pattern matching its name, else ChatML."""
+        own, else the first models/config.yaml pattern matching its name, else ChatML.
+
+        None, "" and "auto" all mean "automatic"."""
         if self.templates is None:
             raise InvalidRequestError("no instruction templates are available", "instruction_template")
         model = self.models.current
         patterns = load_model_patterns(self.patterns_file) if self.patterns_file else []
+        choice = None if user_choice == AUTO_TEMPLATE else user_choice
         return choose_template(self.models.name or "", model.info.chat_template if model else None,
-                               user_choice, self.templates, patterns)
+                               choice, self.templates, patterns)
+
+    # --- setup -------------------------------------------------------------------------
+    def setup(self, character: str | None, mode: str | None, template: str | None,
+              user_name: str | None = None, persona_text: str | None = None, system_message: str = "",
+              chat_instruct_command: str | None = None) -> ChatSetup:
+        """The ChatSetup for what a face was given; the UI and the API both call this.
+
+        `character` None or "" is the Assistant; `mode` None is chat; `template` None, "" or
+        "auto" follows the loaded model (choose_template), and is resolved only in the modes
+        that render one, so chat mode never fails on a template it does not use. The persona
+        is `persona()`'s. Raises InvalidRequestError for an unknown mode or a missing
+        character or template.
+        """
+        mode = mode or CHAT
+        if mode not in MODES:
+            raise InvalidRequestError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+        if self.characters is None:
+            raise InvalidRequestError("no characters are available", "character")
+        return ChatSetup(
+            character=self.characters.load(character or DEFAULT_CHARACTER),
+            persona=self.persona(user_name, persona_text),
+            mode=mode,
+            template=self.choose_template(template).source if mode != CHAT else "",
+            chat_instruct_command=chat_instruct_command or DEFAULT_CHAT_INSTRUCT_COMMAND,
+            system_message=system_message,
+        )
+
+    def persona(self, user_name: str | None = None, persona_text: str | None = None) -> Persona:
+        """Who the user is, by one rule for every face: the saved default persona
+        (personas/You.yaml; name "You" when there is no file) is the base, a given name
+        replaces its name and given persona text replaces its description. Blank counts as
+        not given. The file is read only when something is missing, so a broken one is
+        reported only where it would be used.
+        """
+        name = (user_name or "").strip()
+        description = persona_text if persona_text and persona_text.strip() else ""
+        if name and description:
+            return Persona(name=name, description=description)
+        base = self.personas.load(DEFAULT_PERSONA) if self.personas is not None else Persona(DEFAULT_PERSONA)
+        return Persona(name=name or base.name, description=description or base.description)
 
     # --- building ---------------------------------------------------------------------
     def new_chat(self, setup: ChatSetup) -> Chat:
@@ -142,7 +213,8 @@ class ChatService:
     def build(self, messages: list[Message], setup: ChatSetup, params: SamplingParams,
               action: str = REPLY, partial: str = "", *, new_input: bool = False,
               is_api: bool = False) -> BuiltPrompt:
-        """The prompt the model would get, fitted to the loaded model's context.
+        """The prompt the model would get, fitted to the loaded model's context (the faces call
+        `prepare()`, which also gives the params their stop strings).
 
         With extensions enabled, the prompt-side hooks run here (modules/chat/hooks.py) and
         the result carries their `state`; `new_input` marks the last user message as just
@@ -168,54 +240,69 @@ class ChatService:
         return build_with_hooks(self.extensions, messages, setup, params, action, new_input, is_api, build,
                                 options, count)
 
+    def prepare(self, messages: list[Message], setup: ChatSetup, params: SamplingParams,
+                action: str = REPLY, partial: str = "", *, new_input: bool = False, is_api: bool,
+                save: bool) -> PreparedChat:
+        """The one chat path: what is generated for `messages`, for the UI and the API alike.
+
+        The prompt is `build()`'s (fitted to the context, extension hooks applied, `is_api`
+        telling the hooks which face asks); the params get the prompt's stop strings after the
+        caller's own. `save` is the face's saving rule, carried to where the generation ends:
+        the Chat tab's actions save the chat, the API never does.
+        """
+        prompt = self.build(messages, setup, params, action, partial, new_input=new_input, is_api=is_api)
+        stops = list(dict.fromkeys([*params.stop, *prompt.stop]))
+        return PreparedChat(prompt, params.replace(stop=stops), save)
+
     # --- generating actions ----------------------------------------------------------
+    # The Chat tab's actions (is_api=False); `save` is its saving rule, passed on to prepare().
     def send(self, chat: Chat, text: str, setup: ChatSetup, params: SamplingParams,
-             start_reply_with: str = "") -> ChatStream:
+             start_reply_with: str = "", *, save: bool = True) -> ChatStream:
         """Add the user's message and stream the character's reply."""
         if not text.strip() and not start_reply_with:
             raise InvalidRequestError("the message is empty", "text")
         user, reply = Message(USER, text), Message(ASSISTANT, start_reply_with)
         pending = [*chat.messages, user, reply]
         if start_reply_with:
-            prompt = self.build(pending, setup, params, CONTINUE, new_input=True)
+            prepared = self.prepare(pending, setup, params, CONTINUE, new_input=True, is_api=False, save=save)
         else:
-            prompt = self.build(pending[:-1], setup, params, REPLY, new_input=True)
+            prepared = self.prepare(pending[:-1], setup, params, REPLY, new_input=True, is_api=False, save=save)
         chat.messages += [user, reply]  # only once the prompt is built: a refused send leaves the chat as it was
-        return self._start(chat, prompt, params, lambda t, v: _set_content(reply, t, v), start_reply_with,
+        return self._start(chat, prepared, lambda t, v: _set_content(reply, t, v), start_reply_with,
                            strip=not start_reply_with)
 
-    def regenerate(self, chat: Chat, setup: ChatSetup, params: SamplingParams) -> ChatStream:
+    def regenerate(self, chat: Chat, setup: ChatSetup, params: SamplingParams, *, save: bool = True) -> ChatStream:
         """A new alternative for the last reply, kept beside the old ones as a swipe."""
         last = _last_reply(chat)
-        prompt = self.build(chat.messages[:-1], setup, params, REPLY)
+        prepared = self.prepare(chat.messages[:-1], setup, params, REPLY, is_api=False, save=save)
         if not last.swipes:
             last.swipes = [last.content]
         last.swipes.append("")
         last.swipe_index = len(last.swipes) - 1
-        return self._start(chat, prompt, params, lambda t, v: _set_content(last, t, v), "", strip=True)
+        return self._start(chat, prepared, lambda t, v: _set_content(last, t, v), "", strip=True)
 
-    def continue_(self, chat: Chat, setup: ChatSetup, params: SamplingParams) -> ChatStream:
+    def continue_(self, chat: Chat, setup: ChatSetup, params: SamplingParams, *, save: bool = True) -> ChatStream:
         """Extend the last reply where it stopped."""
         last = _last_reply(chat, allow_greeting=True)
-        prompt = self.build(chat.messages, setup, params, CONTINUE)
-        return self._start(chat, prompt, params, lambda t, v: _set_content(last, t, v), last.content, strip=False)
+        prepared = self.prepare(chat.messages, setup, params, CONTINUE, is_api=False, save=save)
+        return self._start(chat, prepared, lambda t, v: _set_content(last, t, v), last.content, strip=False)
 
     def impersonate(self, chat: Chat, setup: ChatSetup, params: SamplingParams, partial: str = "") -> ChatStream:
-        """Write the user's next message (shown in the input box, not added to the chat)."""
-        prompt = self.build(chat.messages, setup, params, IMPERSONATE, partial)
+        """Write the user's next message (shown in the input box, not added to the chat: nothing to save)."""
+        prepared = self.prepare(chat.messages, setup, params, IMPERSONATE, partial, is_api=False, save=False)
         prefix = f"{partial} " if partial and not partial.endswith(" ") else partial
-        return self._start(None, prompt, params, lambda t, v: None, prefix, strip=True)
+        return self._start(None, prepared, lambda t, v: None, prefix, strip=True)
 
-    def _start(self, chat: Chat | None, prompt: BuiltPrompt, params: SamplingParams,
-               apply: Callable[[str, str | None], None], prefix: str, strip: bool) -> ChatStream:
-        stops = list(dict.fromkeys([*params.stop, *prompt.stop]))
+    def _start(self, chat: Chat | None, prepared: PreparedChat, apply: Callable[[str, str | None], None],
+               prefix: str, strip: bool) -> ChatStream:
+        prompt = prepared.prompt
         if prompt.state is None:
-            stream = self.generator.submit(prompt.text, params.replace(stop=stops))
+            stream = self.generator.submit(prompt.text, prepared.params)
         else:
-            stream = self.generator.submit(prompt.text, params.replace(stop=stops), state=prompt.state, is_chat=True)
+            stream = self.generator.submit(prompt.text, prepared.params, state=prompt.state, is_chat=True)
 
         def on_end() -> None:
-            if chat is not None and self._save is not None:
+            if chat is not None and prepared.save and self._save is not None:
                 try:
                     self._save(chat)
                 except Exception:  # noqa: BLE001 - a failed save is logged; the reply stays in memory
