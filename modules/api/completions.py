@@ -14,12 +14,11 @@ from typing import Any
 
 from modules.api.schemas import ChatCompletionRequest, CompletionRequest
 from modules.api.state import ApiState, Caller, usage
-from modules.chat.prompt import CONTINUE, DEFAULT_CHAT_INSTRUCT_COMMAND, INSTRUCT, REPLY, BuiltPrompt
-from modules.chat.service import ChatSetup
-from modules.chat.types import ASSISTANT, USER, Message, Persona
+from modules.chat.prompt import CONTINUE, INSTRUCT, REPLY
+from modules.chat.service import PreparedChat
+from modules.chat.types import ASSISTANT, SYSTEM, USER, Message
 from modules.errors import InvalidRequestError
 from modules.generation import GenerationChunk, TokenLogprob
-from modules.sampling import SamplingParams
 
 # "cancelled" is ours; OpenAI clients know only these.
 FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
@@ -125,31 +124,28 @@ def chat_logprobs(steps: Sequence[TokenLogprob]) -> dict[str, Any]:
                         for s in steps]}
 
 
-def chat_prompt(state: ApiState, req: ChatCompletionRequest,
-                params: SamplingParams) -> tuple[BuiltPrompt, SamplingParams]:
-    """The prompt for `req` built by the chat engine (extension hooks included), and `params`
-    with its stop strings."""
+def chat_prompt(state: ApiState, req: ChatCompletionRequest) -> PreparedChat:
+    """What /v1/chat/completions generates from for `req` (and /v1/internal/chat-prompt shows):
+    the request mapped onto the one chat path, ChatService.setup and ChatService.prepare, as
+    the Chat tab's are. The API never saves a chat."""
     if not req.messages:
         raise InvalidRequestError("messages must hold at least one message", "messages")
-    app = state.app
+    chat = state.app.chat
     system = "\n\n".join(m.text() for m in req.messages if m.role in _SYSTEM_ROLES)
     turns = [Message(ASSISTANT if m.role == ASSISTANT else USER, m.text())
              for m in req.messages if m.role not in _SYSTEM_ROLES]
-    character = app.characters.load(req.character or "Assistant")
-    user_name = req.user_name or req.name1
-    persona = Persona(name=user_name) if user_name else app.personas.load("You")
-    template = app.chat.choose_template(req.instruction_template).source if req.mode != "chat" else ""
     # OpenAI clients send their own system message; it replaces the character's context
     # in instruct mode (as in ooba). Without one, the character's context is the system.
-    setup = ChatSetup(character=character, persona=persona, mode=req.mode, template=template,
-                      chat_instruct_command=req.chat_instruct_command or DEFAULT_CHAT_INSTRUCT_COMMAND,
-                      system_message=req.system_message or (system if req.mode == INSTRUCT else ""))
+    replaces_context = req.mode == INSTRUCT and not req.system_message
+    setup = chat.setup(req.character, req.mode, req.instruction_template, user_name=req.user_name or req.name1,
+                       system_message=req.system_message or (system if replaces_context else ""),
+                       chat_instruct_command=req.chat_instruct_command)
     messages = list(turns)
-    if system and not (req.mode == INSTRUCT and not req.system_message):
-        messages.insert(0, Message("system", system))
-    built = app.chat.build(messages, setup, params, CONTINUE if req.continue_ else REPLY,
-                           new_input=not req.continue_, is_api=True)
-    return built, params.replace(stop=list(dict.fromkeys([*params.stop, *built.stop])))
+    if system and not replaces_context:
+        messages.insert(0, Message(SYSTEM, system))
+    params = req.to_sampling_params(state.default_params(req.max_tokens_given()))
+    return chat.prepare(messages, setup, params, CONTINUE if req.continue_ else REPLY,
+                        new_input=not req.continue_, is_api=True, save=False)
 
 
 class ChatCompletionJob(_Job):
@@ -165,10 +161,9 @@ class ChatCompletionJob(_Job):
                 f"response_format {req.response_format.type!r} is not supported; use \"text\" "
                 "(or a GBNF grammar in grammar_string)", "response_format")
         self.req = req
-        params = req.to_sampling_params(state.default_params(req.max_tokens_given()))
-        built, params = chat_prompt(state, req, params)
-        self.prompt, self.hook_state = built.text, built.state
-        self.run = state.run(params, caller)
+        prepared = chat_prompt(state, req)
+        self.prompt, self.hook_state = prepared.prompt.text, prepared.prompt.state
+        self.run = state.run(prepared.params, caller)
         self.cancel = self.run.cancel
         self.strip = not req.continue_  # a fresh reply starts at its first visible character
 

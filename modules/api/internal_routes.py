@@ -79,12 +79,8 @@ def logits(body: LogitsRequest, request: Request) -> dict[str, float]:
 
 @router.post("/chat-prompt")
 def chat_prompt_route(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
-    """The prompt /v1/chat/completions would send to the model for this request."""
-    state = get_state(request)
-    params = body.to_sampling_params(state.default_params(body.max_tokens_given()))
-    built, _ = chat_prompt(state, body, params)
-    text = built.text
-    return {"prompt": text}
+    """The prompt /v1/chat/completions would send to the model for this request (the same call)."""
+    return {"prompt": chat_prompt(get_state(request), body).prompt.text}
 
 
 @router.post("/stop-generation")

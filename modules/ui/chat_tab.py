@@ -21,7 +21,7 @@ import gradio as gr
 from modules.app import App
 from modules.chat.prompt import CHAT, MODES
 from modules.chat.service import ChatSetup, ChatStream
-from modules.chat.types import SAVED_AS_COPY, Chat, Persona
+from modules.chat.types import SAVED_AS_COPY, Chat
 from modules.errors import ModelNotLoadedError, WorkbenchError
 from modules.ui import chat_view, extensions_ui
 from modules.ui.common import sampling_from_state
@@ -178,12 +178,14 @@ def _wire_generation(app: App, w: ChatWidgets, params_state: gr.State) -> None:
 
 def _start(app: App, kind: str, chat: Chat, text: str, start_with: str, setup: ChatSetup,
            sampling: Any) -> ChatStream:
+    """One chat action through the chat path the API shares (ChatService.prepare); the Chat tab
+    saves its chats (logs/chat/), which the API never does."""
     if kind == "send":
-        return app.chat.send(chat, text, setup, sampling, start_reply_with=start_with)
+        return app.chat.send(chat, text, setup, sampling, start_reply_with=start_with, save=True)
     if kind == "regenerate":
-        return app.chat.regenerate(chat, setup, sampling)
+        return app.chat.regenerate(chat, setup, sampling, save=True)
     if kind == "continue":
-        return app.chat.continue_(chat, setup, sampling)
+        return app.chat.continue_(chat, setup, sampling, save=True)
     return app.chat.impersonate(chat, setup, sampling, partial=text)
 
 
@@ -330,11 +332,10 @@ def _error(message: str) -> gr.Error:
 
 
 def _setup(app: App, character: str, mode: str, template: str, user_name: str, persona: str) -> ChatSetup:
-    """The ChatSetup from the side panel; the template is resolved now, so "auto" follows the model."""
-    choice = app.chat.choose_template(None if not template or template == AUTO else template)
-    return ChatSetup(character=app.characters.load(character or "Assistant"),
-                     persona=Persona(name=(user_name or "").strip() or "You", description=persona or ""),
-                     mode=mode or CHAT, template=choice.source)
+    """The ChatSetup from the side panel, by the rules the API's chat completions use too
+    (ChatService.setup): "auto" follows the loaded model, resolved now; an empty name or
+    persona box means the saved default persona's (personas/You.yaml)."""
+    return app.chat.setup(character, mode, template, user_name=user_name, persona_text=persona)
 
 
 def _template_reason(app: App, template: str) -> str:
