@@ -160,7 +160,8 @@ def _penalties(
     lib: Any, facts: ChainContext, params: SamplingParams, history: Sequence[int], names: set[str]
 ) -> Any:
     # The C API reads penalty_last_n 0 as "off", so "0 = whole context" becomes n_ctx.
-    last_n = params.repetition_penalty_range or facts.n_ctx
+    # A window past the context is the whole context (and a huge one made llama.cpp crawl).
+    last_n = min(params.repetition_penalty_range or facts.n_ctx, facts.n_ctx)
     sampler = lib.llama_sampler_init_penalties(
         facts.n_vocab,
         last_n,
@@ -173,7 +174,7 @@ def _penalties(
 
 
 def _dry(lib: Any, facts: ChainContext, params: SamplingParams, history: Sequence[int]) -> Any:
-    last_n = params.dry_penalty_last_n or facts.n_ctx
+    last_n = min(params.dry_penalty_last_n or facts.n_ctx, facts.n_ctx)
     breakers = [b.encode("utf-8") for b in params.dry_sequence_breakers if b]
     array = (ctypes.c_char_p * max(1, len(breakers)))(*breakers)
     sampler = lib.llama_sampler_init_dry(

@@ -32,7 +32,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loaders.base import LoadedModel, Step, concurrency_of, within_vocabulary
-from modules.errors import ContextLengthExceededError, GenerationError, InvalidRequestError, QueueFullError
+from modules.errors import (
+    ContextLengthExceededError,
+    GenerationError,
+    InvalidRequestError,
+    ModelNotLoadedError,
+    QueueFullError,
+)
 from modules.extensions import ExtensionRegistry, make_state
 from modules.model_manager import ModelManager
 from modules.sampling import SamplingParams
@@ -302,7 +308,9 @@ class Generator:
                     for chunk in run(model, job):
                         job.out.put(chunk)
             except Exception as exc:  # noqa: BLE001 - handed to the consumer, who re-raises it
-                if not isinstance(exc, InvalidRequestError):
+                if isinstance(exc, ModelNotLoadedError):
+                    log.info("generation refused: %s", exc)  # the user's to fix, not a failure
+                elif not isinstance(exc, InvalidRequestError):
                     log.exception("generation failed")
                 job.out.put(exc)
             finally:

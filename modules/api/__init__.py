@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI
 
 from modules.api import internal_routes, kobold_routes, openai_routes
 from modules.api.auth import require_key
-from modules.api.errors import install_error_handlers
+from modules.api.errors import AnswerUnexpectedErrors, SafeJSONResponse, install_error_handlers
 from modules.api.state import ApiState, get_state
 from modules.web_guard import WebGuard, policy_for
 
@@ -49,7 +49,7 @@ def create_app(app: App) -> FastAPI:
         # Shutting down: stop what the API started; the App itself belongs to server.py.
         api.state.api.active.cancel_all()
 
-    api = FastAPI(title="LLM workbench API", version="1.0", lifespan=lifespan,
+    api = FastAPI(title="LLM workbench API", version="1.0", lifespan=lifespan, default_response_class=SafeJSONResponse,
                   description="OpenAI-compatible, ooba internal and KoboldAI routes over the workbench engine.")
     api.state.api = ApiState(app)
     install_error_handlers(api)
@@ -66,6 +66,9 @@ def create_app(app: App) -> FastAPI:
     # Added last, so it runs first: Host, Origin and body size are checked before CORS, routing,
     # body parsing and the key.
     api.add_middleware(WebGuard, policy=policy_for(app.settings, "api"))
+    # Outermost: an unexpected error anywhere below (the guard and CORS too) is answered
+    # without dropping the kept-alive connection.
+    api.add_middleware(AnswerUnexpectedErrors)
     return api
 
 

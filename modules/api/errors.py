@@ -218,7 +218,6 @@ def install_error_handlers(api: FastAPI) -> None:
 
     # FastAPI's own encoder (pydantic's dump_json) fails on a lone surrogate: a 500, then a reset.
     api.router.default_response_class = SafeJSONResponse
-    api.add_middleware(AnswerUnexpectedErrors)
     api.add_exception_handler(RequestValidationError, on_validation)
     api.add_exception_handler(StarletteHTTPException, on_http)
     api.add_exception_handler(errors.WorkbenchError, on_error)

@@ -399,6 +399,12 @@ class KoboldGenerateRequest(SamplerFields):
     prompt: str
 
 
+class KoboldAbortRequest(Body):
+    """POST /api/extra/abort: `genkey` names the one generation to stop (KoboldCpp's multiuser mode)."""
+
+    genkey: str | None = Field(default=None, max_length=256)
+
+
 class KoboldTokenCountRequest(Body):
     prompt: str
     special: bool = False
