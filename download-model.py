@@ -1,4 +1,4 @@
-"""Download a model from the Hugging Face Hub into models/ (a thin CLI over modules/downloader.py).
+"""Download a model from the Hugging Face Hub into models/ (a thin CLI over modules/hub/downloader.py).
 
     python download-model.py TheBloke/Llama-2-7B-GGUF --file '*Q4_K_M*'
     python download-model.py https://huggingface.co/org/repo/blob/main/model.Q5_K_M.gguf
@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from modules import downloader, memory_fit
-from modules.errors import WorkbenchError
+from modules.core.errors import WorkbenchError
+from modules.hub import downloader, memory_fit
 
 ROOT = Path(__file__).resolve().parent
 

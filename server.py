@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from modules.settings import load_settings
+from modules.core.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent
 log = logging.getLogger("server")
@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if settings.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from modules.app import App
+    from modules.engine.app import App
 
     app = App.create(settings, ROOT)
     api_server = None
-    from modules.web_guard import log_exposure, policy_for
+    from modules.engine.web_guard import log_exposure, policy_for
 
     log_exposure([policy_for(settings, face) for face in (("api", "ui") if settings.api else ("ui",))])
     if settings.api:
@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("No models in %s yet: put a .gguf file (or a model folder) there, then press Refresh "
                  "in the Model tab.", app.models.models_dir)
 
-    from modules.gradio_import import skip_pyi_regeneration
+    from modules.ui.gradio_import import skip_pyi_regeneration
 
     skip_pyi_regeneration()  # before gradio's first import: saves seconds of start-up (see the module)
-    from modules.ui import create_ui, launch_options
+    from modules.ui.blocks import create_ui, launch_options
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

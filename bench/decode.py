@@ -30,10 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import common  # noqa: E402
-from modules.generation import Generator  # noqa: E402
-from modules.model_manager import ModelManager  # noqa: E402
-from modules.sampling import SamplingParams  # noqa: E402
-from modules.settings import Settings  # noqa: E402
+from modules.core.sampling import SamplingParams  # noqa: E402
+from modules.core.settings import Settings  # noqa: E402
+from modules.engine.generation import Generator  # noqa: E402
+from modules.engine.model_manager import ModelManager  # noqa: E402
 
 PROMPT = "The old lighthouse keeper climbed the stairs one last time and"
 SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}

@@ -57,7 +57,7 @@ def build_model(folder: Path) -> int:
 
 def run_alone(model, prompt_ids: list[int], n_tokens: int) -> tuple[float, list[int]]:
     """(tokens/s, tokens) of one greedy request."""
-    from modules.sampling import SamplingParams
+    from modules.core.sampling import SamplingParams
 
     start = time.perf_counter()
     tokens = list(islice(model.generate(prompt_ids, SamplingParams(temperature=0), threading.Event()), n_tokens))
@@ -66,7 +66,7 @@ def run_alone(model, prompt_ids: list[int], n_tokens: int) -> tuple[float, list[
 
 def run_batched(model, prompts: list[list[int]], n_tokens: int) -> tuple[float, list[list[int]]]:
     """(aggregate tokens/s, each request's tokens) of len(prompts) requests started together."""
-    from modules.sampling import SamplingParams
+    from modules.core.sampling import SamplingParams
 
     outputs: list[list[int]] = [[] for _ in prompts]
     barrier = threading.Barrier(len(prompts) + 1)

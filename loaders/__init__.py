@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from modules.errors import ModelLoadError, UnknownLoaderError
+from modules.core.errors import ModelLoadError, UnknownLoaderError
 
 _REGISTRY: dict[str, type] = {}
 L = TypeVar("L", bound=type)

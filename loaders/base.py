@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from modules.errors import ContextLengthExceededError, InvalidRequestError
-from modules.sampling import SamplingParams
+from modules.core.errors import ContextLengthExceededError, InvalidRequestError
+from modules.core.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class Capabilities:
     """What a loader can honour; the engine warns about or refuses the rest."""
 
     samplers: frozenset[str]
-    """Names from modules.sampling.SAMPLER_NAMES this loader applies."""
+    """Names from modules.core.sampling.SAMPLER_NAMES this loader applies."""
     grammar: bool = False
     """GBNF grammars (`grammar_string`)."""
     devices: tuple[str, ...] = ("cpu",)

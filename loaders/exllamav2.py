@@ -46,7 +46,7 @@ from loaders.base import FALLBACK_CONTEXT, Capabilities, LoaderBase, ModelInfo, 
 from loaders.exllamav2_sampler import SamplerPlan, breaker_token_ids, sampler_settings
 from loaders.hf_folder import HfTokenizer, HfTokens, load_tokenizer, read_config, tokenizer_info
 from loaders.torch_samplers import apply_top_n_sigma, raw_logprobs, token_logprobs
-from modules.errors import (
+from modules.core.errors import (
     BackendMissingError,
     GenerationError,
     ModelLoadError,
@@ -54,7 +54,7 @@ from modules.errors import (
     UnsupportedOptionError,
     WorkbenchError,
 )
-from modules.sampling import SAMPLER_NAMES, SamplingParams
+from modules.core.sampling import SAMPLER_NAMES, SamplingParams
 
 INSTALL_HINT = "pip install -r requirements-cuda.txt (start_linux.sh does this when nvidia-smi finds a GPU)"
 NEEDS_CUDA = (

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from loaders.base import within_vocabulary
-from modules.errors import InvalidRequestError
-from modules.sampling import SamplingParams
+from modules.core.errors import InvalidRequestError
+from modules.core.sampling import SamplingParams
 
 #: exllamav2's DRY never matches n-grams longer than this (Settings.dry_max_ngram default).
 DRY_MAX_NGRAM = 20

@@ -27,7 +27,7 @@ from typing import Any
 from loaders import register_loader
 from loaders.hf_folder import check_remote_code, read_config
 from loaders.transformers import TransformersLoader
-from modules.errors import BackendMissingError, ModelLoadError, UnsupportedOptionError
+from modules.core.errors import BackendMissingError, ModelLoadError, UnsupportedOptionError
 
 INSTALL_HINT = "pip install -r requirements-gptq.txt"
 #: The packages the GPTQ path imports: transformers' GPTQ quantizer needs optimum, and
@@ -43,7 +43,7 @@ GPTQ_BITS = (2, 3, 4, 8)
 
 @dataclass
 class GPTQOptions:
-    """How to load a GPTQ model folder. The names are modules.settings.Settings fields."""
+    """How to load a GPTQ model folder. The names are modules.core.settings.Settings fields."""
 
     gptq_backend: str = "auto"
     """GPTQModel kernel: auto | torch | torch_int8 | triton | exllama_v2 | marlin."""

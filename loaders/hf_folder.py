@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from modules.errors import BackendMissingError, ModelLoadError, ModelNotLoadedError
+from modules.core.errors import BackendMissingError, ModelLoadError, ModelNotLoadedError
 
 T = TypeVar("T")
 

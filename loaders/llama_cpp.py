@@ -28,15 +28,15 @@ from loaders import gguf_main_file, register_loader
 from loaders.base import Capabilities, LoaderBase, ModelInfo, Step, auto_context
 from loaders.llama_cpp_sampler import ChainContext, build_sampler_chain
 from loaders.llama_cpp_slots import SlotEngine, context_params_for_slots
-from modules import gguf_header
-from modules.errors import (
+from modules.core import gguf_header
+from modules.core.errors import (
     BackendMissingError,
     GenerationError,
     InvalidRequestError,
     ModelLoadError,
     ModelNotLoadedError,
 )
-from modules.sampling import SAMPLER_NAMES, SamplingParams
+from modules.core.sampling import SAMPLER_NAMES, SamplingParams
 
 #: The context Llama itself is built with; generation never uses it.
 SMALL_CONTEXT = 256
@@ -512,6 +512,6 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
 
     Cheap (memory-mapped, tensors never read) and strict: a file that is not GGUF, or whose
     header is damaged, cut short or over a budget, raises ModelLoadError before llama.cpp
-    ever sees it (see modules.gguf_header.read_header).
+    ever sees it (see modules.core.gguf_header.read_header).
     """
     return gguf_header.read_header(path)

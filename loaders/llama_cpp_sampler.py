@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from modules.errors import InvalidRequestError
-from modules.sampling import SamplingParams
+from modules.core.errors import InvalidRequestError
+from modules.core.sampling import SamplingParams
 
 #: llama.cpp's "draw a fresh random seed" value (LLAMA_DEFAULT_SEED).
 RANDOM_SEED = 0xFFFFFFFF

@@ -31,7 +31,7 @@ from typing import Any
 
 from loaders.base import Step, TokenLogprobs, check_prompt_ids
 from loaders.kv_reuse import MIN_SHIFT_TOKENS, ReusePlan, plan_reuse
-from modules.errors import GenerationError, ModelNotLoadedError
+from modules.core.errors import GenerationError, ModelNotLoadedError
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from loaders.base import TokenLogprobs, within_vocabulary
-from modules.errors import InvalidRequestError
-from modules.sampling import SamplingParams
+from modules.core.errors import InvalidRequestError
+from modules.core.sampling import SamplingParams
 
 if TYPE_CHECKING:
     import torch

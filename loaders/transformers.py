@@ -27,7 +27,7 @@ from loaders.base import Capabilities, LoaderBase, ModelInfo, Step, auto_context
 from loaders.hf_folder import HfTokenizer, HfTokens, check_remote_code, load_tokenizer, read_config, tokenizer_info
 from loaders.torch_samplers import SamplerChain, dry_breaker_sequences, raw_logprobs, token_logprobs
 from loaders.transformers_batch import BatchRequest, BatchScheduler
-from modules.errors import (
+from modules.core.errors import (
     BackendMissingError,
     GenerationError,
     ModelLoadError,
@@ -35,7 +35,7 @@ from modules.errors import (
     UnsupportedOptionError,
     WorkbenchError,
 )
-from modules.sampling import SAMPLER_NAMES, SamplingParams
+from modules.core.sampling import SAMPLER_NAMES, SamplingParams
 
 if TYPE_CHECKING:
     import torch

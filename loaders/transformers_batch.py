@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from loaders.base import Step
 from loaders.torch_samplers import SamplerChain, raw_logprobs, token_logprobs
-from modules.errors import GenerationError, ModelNotLoadedError
+from modules.core.errors import GenerationError, ModelNotLoadedError
 
 if TYPE_CHECKING:
     import torch

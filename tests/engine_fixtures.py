@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from modules.app import App
-from modules.settings import Settings
+from modules.core.settings import Settings
+from modules.engine.app import App
 from tests.fakes import FakeLoader
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from loaders import register_loader
 from loaders.base import Capabilities, LoaderBase, ModelInfo, Step, TokenLogprobs, check_prompt_ids
-from modules.errors import InvalidRequestError, ModelNotLoadedError
-from modules.sampling import SAMPLER_NAMES, SamplingParams
+from modules.core.errors import InvalidRequestError, ModelNotLoadedError
+from modules.core.sampling import SAMPLER_NAMES, SamplingParams
 
 BOS, EOS = 256, 257
 

@@ -13,7 +13,7 @@ from PIL import Image, PngImagePlugin
 
 from modules.chat import cards
 from modules.chat.types import Character
-from modules.errors import InvalidRequestError
+from modules.core.errors import InvalidRequestError
 
 V2_CARD = {
     "spec": "chara_card_v2",

@@ -21,8 +21,8 @@ from modules.chat.characters import (
     safe_import_name,
 )
 from modules.chat.types import Character, Persona
-from modules.errors import InvalidRequestError, UnsafePathError
-from modules.paths import check_name
+from modules.core.errors import InvalidRequestError, UnsafePathError
+from modules.core.paths import check_name
 from tests.traversal_payloads import TRAVERSAL_PAYLOADS
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from modules.chat.chat_formats import (
     parse_timestamp,
 )
 from modules.chat.types import Chat, Message
-from modules.errors import InvalidRequestError
+from modules.core.errors import InvalidRequestError
 
 # What text-generation-webui 3.x writes to user_data/logs/chat/Assistant/20250618-14-05-12.json:
 # a greeting row, HTML-escaped visible text, per-message timestamps, a regenerated reply.

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from modules.app import App
 from modules.chat.types import ASSISTANT, USER, Character, Message, Persona
-from modules.sampling import SamplingParams
+from modules.core.sampling import SamplingParams
+from modules.engine.app import App
 from modules.ui import chat_tab
 from tests.extension_scripts import write_extension
 from tests.fakes import EOS, FakeLoader, script_text
@@ -147,7 +147,7 @@ def test_without_a_saved_persona_the_default_is_you(app, fake):
 
 
 def test_setup_resolves_the_template_only_where_the_mode_uses_one(app, fake):
-    from modules.errors import WorkbenchError
+    from modules.core.errors import WorkbenchError
 
     assert app.chat.setup("Alice", "chat", "No-such-template").template == ""
     assert app.chat.setup("Alice", "instruct", "auto").template == app.chat.choose_template(None).source

@@ -16,7 +16,7 @@ from modules.chat.prompt import (
     greeting_message,
 )
 from modules.chat.types import ASSISTANT, USER, Character, Message, Persona
-from modules.errors import ContextLengthExceededError, InvalidRequestError
+from modules.core.errors import ContextLengthExceededError, InvalidRequestError
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

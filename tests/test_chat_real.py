@@ -6,12 +6,12 @@ import shutil
 
 import pytest
 
-from modules.app import App
 from modules.chat.prompt import GREETING_META
 from modules.chat.service import ChatSetup
 from modules.chat.types import ASSISTANT, USER, Character, Message, Persona
-from modules.sampling import SamplingParams
-from modules.settings import Settings
+from modules.core.sampling import SamplingParams
+from modules.core.settings import Settings
+from modules.engine.app import App
 
 pytest.importorskip("llama_cpp")
 

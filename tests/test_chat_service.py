@@ -7,8 +7,8 @@ import pytest
 from modules.chat.prompt import GREETING_META
 from modules.chat.service import ChatService, ChatSetup
 from modules.chat.types import ASSISTANT, USER, Character, Message, Persona
-from modules.errors import ContextLengthExceededError, InvalidRequestError
-from modules.sampling import SamplingParams
+from modules.core.errors import ContextLengthExceededError, InvalidRequestError
+from modules.core.sampling import SamplingParams
 from tests.fakes import EOS, script_text
 from tests.test_chat_prompt import SimpleRenderer
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from modules.app import App
 from modules.chat.history import ChatSummary
 from modules.chat.types import Chat, Message
-from modules.generation import GenerationChunk
-from modules.settings import Settings
+from modules.core.settings import Settings
+from modules.engine.app import App
+from modules.engine.generation import GenerationChunk
 from modules.ui import chat_view
 from tests.fakes import script_text
 
@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[App, str]]:
-    from modules.ui import create_ui
+    from modules.ui.blocks import create_ui
 
     root = tmp_path_factory.mktemp("ui")
     (root / "models").mkdir()

@@ -15,7 +15,7 @@ import pytest
 
 from loaders.llama_cpp import LlamaCppLoader, LlamaCppOptions
 from loaders.transformers import TransformersLoader, TransformersOptions
-from modules.sampling import SamplingParams
+from modules.core.sampling import SamplingParams
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")

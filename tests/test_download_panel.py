@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from modules import downloader, memory_fit
-from modules.app import App
+from modules.engine.app import App
+from modules.hub import downloader, memory_fit
 from tests.hub_server import HubServer, kit_repo_files
 from tests.kit import TinyKit
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from modules import downloader, memory_fit
-from modules.errors import InvalidRequestError, NotFoundError, UnsafePathError
-from modules.hub_files import classify
-from modules.hub_links import HubLink, parse_link
+from modules.core.errors import InvalidRequestError, NotFoundError, UnsafePathError
+from modules.hub import downloader, memory_fit
+from modules.hub.files import classify
+from modules.hub.links import HubLink, parse_link
 from tests.hub_server import HubServer, kit_repo_files
 from tests.kit import TinyKit
 

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from modules.app import App
-from modules.errors import ModelLoadError
-from modules.sampling import SamplingParams
-from modules.settings import Settings
+from modules.core.errors import ModelLoadError
+from modules.core.sampling import SamplingParams
+from modules.core.settings import Settings
+from modules.engine.app import App
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("transformers")

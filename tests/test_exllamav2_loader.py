@@ -44,16 +44,16 @@ from loaders.exllamav2 import (
     read_folder_facts,
 )
 from loaders.exllamav2_sampler import breaker_token_ids, sampler_settings, token_bias
-from modules.errors import (
+from modules.core.errors import (
     BackendMissingError,
     ContextLengthExceededError,
     InvalidRequestError,
     ModelLoadError,
     UnsupportedOptionError,
 )
-from modules.model_manager import ModelManager
-from modules.sampling import SAMPLER_NAMES, SamplingParams
-from modules.settings import Settings, build_parser
+from modules.core.sampling import SAMPLER_NAMES, SamplingParams
+from modules.core.settings import Settings, build_parser
+from modules.engine.model_manager import ModelManager
 
 #: Attributes of ExLlamaV2Config in exllamav2 0.3.2 (config.py) that plan_load may set.
 EXL2_CONFIG_FIELDS = frozenset({

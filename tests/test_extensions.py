@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modules.app import App
 from modules.chat.service import ChatSetup
 from modules.chat.types import Character, Persona
-from modules.errors import UnsafePathError
-from modules.extensions import GENERATION_ORDER, HookSpec, check_hook, load_script
-from modules.sampling import SamplingParams
-from modules.settings import Settings, load_settings
+from modules.core.errors import UnsafePathError
+from modules.core.sampling import SamplingParams
+from modules.core.settings import Settings, load_settings
+from modules.engine.app import App
+from modules.engine.extensions import GENERATION_ORDER, HookSpec, check_hook, load_script
 from tests.extension_scripts import BROKEN, CUSTOM, FLAKY_OUTPUT, RECORDER, write_extension
 from tests.fakes import EOS, script_text
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from modules.app import App
-from modules.settings import Settings
-from modules.ui import create_ui, launch_options
+from modules.core.settings import Settings
+from modules.engine.app import App
+from modules.ui.blocks import create_ui, launch_options
 from tests.extension_scripts import RECORDER, write_extension
 
 REPO = Path(__file__).resolve().parent.parent

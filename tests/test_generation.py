@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from loaders.base import TokenLogprobs, concurrency_of
-from modules.errors import ContextLengthExceededError, InvalidRequestError, ModelNotLoadedError
-from modules.sampling import SamplingParams
+from modules.core.errors import ContextLengthExceededError, InvalidRequestError, ModelNotLoadedError
+from modules.core.sampling import SamplingParams
 from tests.fakes import BOS, EOS, script_text
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=40)
@@ -176,11 +176,11 @@ def test_load_waits_for_a_running_generation(app, fake):
 
 def test_verbose_logs_the_prompt_the_model_sees(app, fake, caplog):
     fake.script = [EOS]
-    with caplog.at_level("DEBUG", logger="modules.generation"):
+    with caplog.at_level("DEBUG", logger="modules.engine.generation"):
         collect(app, "secret prompt")
     assert any("secret prompt" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    with caplog.at_level("INFO", logger="modules.generation"):
+    with caplog.at_level("INFO", logger="modules.engine.generation"):
         collect(app, "quiet prompt")
     assert not any("quiet prompt" in r.getMessage() for r in caplog.records)
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from modules import gguf_header, memory_fit
-from modules.errors import ModelLoadError
-from modules.gguf_header import MAX_ARRAY_DEPTH, MAX_KEYS, MAX_STEPS, read_header, read_header_prefix
+from modules.core import gguf_header
+from modules.core.errors import ModelLoadError
+from modules.core.gguf_header import MAX_ARRAY_DEPTH, MAX_KEYS, MAX_STEPS, read_header, read_header_prefix
+from modules.hub import memory_fit
 from tests.kit import TinyKit
 
 U8, U32, F32, BOOL, STRING, ARRAY, U64 = 0, 4, 6, 7, 8, 9, 10

@@ -22,9 +22,9 @@ import pytest
 from loaders import get_loader, infer_loader
 from loaders import gptq as gptq_module
 from loaders.gptq import BACKENDS, INSTALL_HINT, GPTQLoader, GPTQOptions
-from modules.errors import BackendMissingError, ModelLoadError, UnsupportedOptionError
-from modules.sampling import SAMPLER_NAMES, SamplingParams
-from modules.settings import Settings
+from modules.core.errors import BackendMissingError, ModelLoadError, UnsupportedOptionError
+from modules.core.sampling import SAMPLER_NAMES, SamplingParams
+from modules.core.settings import Settings
 from tests.kit import TinyKit
 
 N_TOKENS = 32
@@ -70,7 +70,7 @@ def test_every_option_is_a_settings_field_in_its_group() -> None:
 
 
 def test_settings_map_onto_the_options(tmp_path: Path) -> None:
-    from modules.model_manager import ModelManager
+    from modules.engine.model_manager import ModelManager
 
     settings = Settings(models_dir=str(tmp_path), gptq_backend="torch", gptq_max_seq_len=512, cpu=True)
     options = ModelManager(settings, tmp_path)._options_for(GPTQLoader, {"trust_remote_code": True, "parallel": 2})
@@ -182,7 +182,7 @@ def test_missing_gptqmodel_says_what_to_install(monkeypatch: pytest.MonkeyPatch,
 def test_the_model_manager_refuses_a_gptq_model_when_gptqmodel_is_missing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from modules.model_manager import ModelManager
+    from modules.engine.model_manager import ModelManager
 
     write_folder(tmp_path, GPTQ_CONFIG, "model.safetensors")
     monkeypatch.setattr(GPTQLoader, "unavailable_reason", classmethod(lambda cls: "the gptq loader needs gptqmodel"))
@@ -397,7 +397,7 @@ def test_stop_event_and_the_context_cap_end_generation(gptq_dir: Path) -> None:
 def test_the_engine_infers_loads_and_streams_a_gptq_model(gptq_dir: Path, gptq_model: GPTQLoader,
                                                           tmp_path: Path) -> None:
     """Model manager -> our loader -> generator, as the UI and the API use it."""
-    from modules.app import App
+    from modules.engine.app import App
 
     models = tmp_path / "models"
     shutil.copytree(gptq_dir, models / gptq_dir.name)

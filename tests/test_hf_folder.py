@@ -27,7 +27,7 @@ from loaders.hf_folder import (
     tokenizer_info,
     vocab_texts,
 )
-from modules.errors import BackendMissingError, ModelLoadError, ModelNotLoadedError
+from modules.core.errors import BackendMissingError, ModelLoadError, ModelNotLoadedError
 from tests.kit import TinyKit
 
 LOADERS = Path(__file__).resolve().parent.parent / "loaders"

@@ -17,7 +17,7 @@ import pytest
 
 from modules.chat.history import ChatNotFoundError, HistoryStore
 from modules.chat.types import Chat, Message
-from modules.errors import InvalidRequestError, UnsafePathError
+from modules.core.errors import InvalidRequestError, UnsafePathError
 from tests.traversal_payloads import TRAVERSAL_PAYLOADS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import pytest
 from modules.chat import chat_formats
 from modules.chat.history import CONFLICT_SUFFIX, HistoryStore
 from modules.chat.types import RECREATED, SAVED_AS_COPY, Chat, Message
-from modules.errors import InvalidRequestError
+from modules.core.errors import InvalidRequestError
 
 
 class Clock:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from loaders import get_loader, infer_loader, loader_names
-from modules.errors import ModelLoadError, UnknownLoaderError
+from modules.core.errors import ModelLoadError, UnknownLoaderError
 
 
 def folder(tmp_path, *files, config=None):

@@ -19,14 +19,14 @@ pytest.importorskip("llama_cpp")
 from loaders import get_loader  # noqa: E402
 from loaders.llama_cpp import LlamaCppLoader, LlamaCppOptions, read_gguf_metadata  # noqa: E402
 from loaders.llama_cpp_sampler import GRAMMAR_SAFE_BAN, ChainContext, chain_seed, logit_bias_entries  # noqa: E402
-from modules.errors import (  # noqa: E402
+from modules.core.errors import (  # noqa: E402
     BackendMissingError,
     ContextLengthExceededError,
     InvalidRequestError,
     ModelLoadError,
     ModelNotLoadedError,
 )
-from modules.sampling import SAMPLER_NAMES, SamplingParams  # noqa: E402
+from modules.core.sampling import SAMPLER_NAMES, SamplingParams  # noqa: E402
 from tests.kit import TinyKit  # noqa: E402
 from tests.kit.tokenizer import CHAT_TEMPLATE  # noqa: E402
 

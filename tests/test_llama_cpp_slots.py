@@ -22,9 +22,9 @@ pytest.importorskip("llama_cpp")
 
 from loaders.kv_reuse import common_prefix  # noqa: E402
 from loaders.llama_cpp import LlamaCppLoader, LlamaCppOptions  # noqa: E402
-from modules.app import App  # noqa: E402
-from modules.sampling import SamplingParams  # noqa: E402
-from modules.settings import Settings  # noqa: E402
+from modules.core.sampling import SamplingParams  # noqa: E402
+from modules.core.settings import Settings  # noqa: E402
+from modules.engine.app import App  # noqa: E402
 from tests.kit import TinyKit  # noqa: E402
 from tests.kit.gguf_export import hf_to_gguf_tensor, write_llama_gguf  # noqa: E402
 from tests.kit.hf_model import random_llama_weights, tiny_shape  # noqa: E402

@@ -31,12 +31,12 @@ from loaders.base import (
     auto_context,
     concurrency_of,
 )
-from modules import memory_fit
-from modules.app import App
-from modules.errors import ContextLengthExceededError, InvalidRequestError, ModelNotLoadedError
-from modules.generation import GenerationChunk
-from modules.sampling import SamplingParams
-from modules.settings import Settings
+from modules.core.errors import ContextLengthExceededError, InvalidRequestError, ModelNotLoadedError
+from modules.core.sampling import SamplingParams
+from modules.core.settings import Settings
+from modules.engine.app import App
+from modules.engine.generation import GenerationChunk
+from modules.hub import memory_fit
 from tests.fakes import FakeLoader, script_text
 from tests.kit import TinyKit
 from tests.test_exllamav2_loader import _gpu_ready, exl2_models, gpu_model  # noqa: F401 - fixtures

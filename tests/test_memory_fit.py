@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from modules import memory_fit
-from modules.memory_fit import FreeMemory, MemoryEstimate, ModelShape
+from modules.hub import memory_fit
+from modules.hub.memory_fit import FreeMemory, MemoryEstimate, ModelShape
 from tests.kit import TinyKit
 
 MIB = 2**20

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modules.errors import InvalidRequestError, ModelNotFoundError, UnsafePathError
+from modules.core.errors import InvalidRequestError, ModelNotFoundError, UnsafePathError
 from tests.traversal_payloads import TRAVERSAL_PAYLOADS
 
 
@@ -44,7 +44,7 @@ def test_load_unload_load_another(app, fake):
 
 
 def test_unknown_loader_option_is_refused(app):
-    from modules.errors import InvalidRequestError
+    from modules.core.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match="no option"):
         app.models.load("fake.gguf", loader="fake", overrides={"n_gpu_layers": 3})
@@ -127,7 +127,7 @@ def test_load_options_from_the_ui_or_api_are_type_checked_and_bounded(app, overr
 
 
 def test_remote_code_and_pickles_cannot_be_switched_on_by_a_request_or_a_saved_file(app, caplog):
-    from modules.settings import check_option
+    from modules.core.settings import check_option
 
     for name in ("trust_remote_code", "allow_pickle", "listen", "api_cors_origins"):
         with pytest.raises(InvalidRequestError, match="command line") as caught:

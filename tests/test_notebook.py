@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modules.notebook import build_prompt, insert_authors_note
+from modules.engine.notebook import build_prompt, insert_authors_note
 
 STORY = "l1\nl2\nl3\nl4\nl5"
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from modules.errors import UnsafePathError
-from modules.paths import atomic_write_text, check_name, safe_join
+from modules.core.errors import UnsafePathError
+from modules.core.paths import atomic_write_text, check_name, safe_join
 from tests.traversal_payloads import TRAVERSAL_PAYLOADS
 
 

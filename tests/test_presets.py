@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modules.errors import InvalidRequestError, UnsafePathError
-from modules.presets import PRESET_FIELDS, PresetNotFoundError, PresetStore, apply_preset, preset_diff
-from modules.sampling import SamplingParams
+from modules.core.errors import InvalidRequestError, UnsafePathError
+from modules.core.sampling import SamplingParams
+from modules.engine.presets import PRESET_FIELDS, PresetNotFoundError, PresetStore, apply_preset, preset_diff
 from modules.ui.common import default_params
 from tests.traversal_payloads import TRAVERSAL_PAYLOADS
 

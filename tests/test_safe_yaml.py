@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import yaml
 
-from modules import safe_yaml
 from modules.chat.characters import CharacterStore, PersonaStore
-from modules.errors import InvalidRequestError
-from modules.model_manager import ModelManager
-from modules.presets import PresetStore
-from modules.safe_yaml import MAX_YAML_BYTES, MAX_YAML_DEPTH, load_yaml
-from modules.settings import Settings
+from modules.core import safe_yaml
+from modules.core.errors import InvalidRequestError
+from modules.core.safe_yaml import MAX_YAML_BYTES, MAX_YAML_DEPTH, load_yaml
+from modules.core.settings import Settings
+from modules.engine.model_manager import ModelManager
+from modules.engine.presets import PresetStore
 
 ANCHORS = "YAML anchors and aliases"
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from modules.errors import InvalidRequestError
-from modules.sampling import SamplingParams, parse_stop_strings
+from modules.core.errors import InvalidRequestError
+from modules.core.sampling import SamplingParams, parse_stop_strings
 
 
 def test_loose_client_shapes_are_normalised():

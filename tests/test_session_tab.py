@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from modules.errors import InvalidRequestError
-from modules.settings import Settings, build_parser
+from modules.core.errors import InvalidRequestError
+from modules.core.settings import Settings, build_parser
 from modules.ui.session_tab import THEMES, flags_yaml, list_extensions
 
 

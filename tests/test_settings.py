@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from modules.app import App
-from modules.errors import InvalidRequestError
-from modules.settings import Settings, build_parser, load_settings, read_cmd_flags
+from modules.core.errors import InvalidRequestError
+from modules.core.settings import Settings, build_parser, load_settings, read_cmd_flags
+from modules.engine.app import App
 
 
 def test_every_flag_of_the_issue_is_there():

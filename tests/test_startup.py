@@ -54,7 +54,7 @@ def test_help_is_fast_and_imports_no_backend():
 def test_building_the_app_imports_neither_gradio_nor_a_backend(tmp_path):
     out = run_python(
         "import sys\nfrom pathlib import Path\n"
-        "from modules.app import App\nfrom modules.settings import Settings\n"
+        "from modules.engine.app import App\nfrom modules.core.settings import Settings\n"
         f"App.create(Settings(models_dir={str(tmp_path)!r}), Path('.'))\n"
         f"print('LOADED', [m for m in {(*HEAVY, *NOT_WITHOUT_API, 'gradio', 'fastapi')!r} if m in sys.modules])\n"
     )
@@ -64,7 +64,7 @@ def test_building_the_app_imports_neither_gradio_nor_a_backend(tmp_path):
 def test_building_the_app_and_ui_imports_no_backend(tmp_path):
     out = run_python(
         "import sys\nfrom pathlib import Path\n"
-        "from modules.app import App\nfrom modules.settings import Settings\nfrom modules.ui import create_ui\n"
+        "from modules.engine.app import App\nfrom modules.core.settings import Settings\nfrom modules.ui.blocks import create_ui\n"
         f"app = App.create(Settings(models_dir={str(tmp_path)!r}), Path('.'))\n"
         "create_ui(app)\n"
         f"print('HEAVY', [m for m in {(*HEAVY, *NOT_WITHOUT_API)!r} if m in sys.modules])\n"
@@ -76,7 +76,7 @@ def test_building_the_app_and_ui_imports_no_backend(tmp_path):
 
 def test_gradio_imports_without_rewriting_its_stubs():
     out = run_python(
-        "import sys\nfrom modules.gradio_import import skip_pyi_regeneration, _SkipPyiFinder\n"
+        "import sys\nfrom modules.ui.gradio_import import skip_pyi_regeneration, _SkipPyiFinder\n"
         "print('FIRST', skip_pyi_regeneration(), 'AGAIN', skip_pyi_regeneration())\n"
         "import gradio as gr\nimport gradio.blocks_events, gradio.component_meta\n"
         "print('STUBS', gradio.component_meta.create_or_modify_pyi.__name__,"

@@ -22,7 +22,7 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from modules.chat.templates import CHATML_SOURCE, TemplateRenderer
-from modules.errors import InvalidRequestError
+from modules.core.errors import InvalidRequestError
 
 FIXTURES = Path(__file__).with_name("fixtures") / "chat-templates"
 REAL_TEMPLATES = sorted(p.name for p in FIXTURES.glob("*.jinja"))

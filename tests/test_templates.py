@@ -26,7 +26,7 @@ from modules.chat.templates import (
     match_pattern,
 )
 from modules.chat.types import Message
-from modules.errors import InvalidRequestError, UnsafePathError
+from modules.core.errors import InvalidRequestError, UnsafePathError
 from tests.traversal_payloads import TRAVERSAL_PAYLOADS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,8 +28,8 @@ from loaders.torch_samplers import (  # noqa: E402
     raw_logprobs,
     token_logprobs,
 )
-from modules.errors import InvalidRequestError  # noqa: E402
-from modules.sampling import SamplingParams  # noqa: E402
+from modules.core.errors import InvalidRequestError  # noqa: E402
+from modules.core.sampling import SamplingParams  # noqa: E402
 
 NO_HISTORY = torch.zeros(0, dtype=torch.long)
 

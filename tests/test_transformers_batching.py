@@ -18,13 +18,13 @@ pytest.importorskip("transformers")
 from loaders.base import concurrency_of  # noqa: E402
 from loaders.transformers import TransformersLoader, TransformersOptions  # noqa: E402
 from loaders.transformers_batch import SHARED_PREFILL_CHUNK  # noqa: E402
-from modules.errors import (  # noqa: E402
+from modules.core.errors import (  # noqa: E402
     GenerationError,
     InvalidRequestError,
     ModelNotLoadedError,
     UnsupportedOptionError,
 )
-from modules.sampling import SamplingParams  # noqa: E402
+from modules.core.sampling import SamplingParams  # noqa: E402
 from tests.kit import TinyKit  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)

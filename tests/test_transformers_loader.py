@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from loaders import get_loader  # noqa: E402
 from loaders.base import LoadedModel, Step, within_vocabulary  # noqa: E402
 from loaders.transformers import TransformersLoader, TransformersOptions  # noqa: E402
-from modules.errors import (  # noqa: E402
+from modules.core.errors import (  # noqa: E402
     BackendMissingError,
     ContextLengthExceededError,
     InvalidRequestError,
@@ -28,7 +28,7 @@ from modules.errors import (  # noqa: E402
     ModelNotLoadedError,
     UnsupportedOptionError,
 )
-from modules.sampling import SamplingParams  # noqa: E402
+from modules.core.sampling import SamplingParams  # noqa: E402
 from tests.kit import TinyKit  # noqa: E402
 
 PROMPT = "The old lighthouse keeper climbed the stairs one last time and"

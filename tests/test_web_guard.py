@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from modules.settings import Settings
-from modules.web_guard import MIB, GuardPolicy, WebGuard, log_exposure, policy_for
+from modules.core.settings import Settings
+from modules.engine.web_guard import MIB, GuardPolicy, WebGuard, log_exposure, policy_for
 
 
 def _policy(face: str = "api", **flags: Any) -> GuardPolicy:

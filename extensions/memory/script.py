@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modules.paths import check_name, safe_join
+from modules.core.paths import check_name, safe_join
 
 params: dict[str, Any] = {
     "display_name": "Long-term memory",

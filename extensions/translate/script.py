@@ -60,7 +60,7 @@ class ModelTranslator:
         self.max_new_tokens = max_new_tokens
 
     def translate(self, text: str, source: str, target: str) -> str:
-        from modules.sampling import SamplingParams
+        from modules.core.sampling import SamplingParams
 
         names = {code: name for name, code in LANGUAGES.items()}
         prompt = self.PROMPT.format(source=names.get(source, source), target=names.get(target, target), text=text)

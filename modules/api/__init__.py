@@ -20,12 +20,12 @@ from modules.api import internal_routes, kobold_routes, openai_routes
 from modules.api.auth import require_key
 from modules.api.errors import AnswerUnexpectedErrors, SafeJSONResponse, install_error_handlers
 from modules.api.state import ApiState, get_state
-from modules.web_guard import WebGuard, policy_for
+from modules.engine.web_guard import WebGuard, policy_for
 
 if TYPE_CHECKING:
     import uvicorn
 
-    from modules.app import App
+    from modules.engine.app import App
 
 __all__ = ["ApiState", "create_app", "get_state", "serve_in_thread"]
 log = logging.getLogger(__name__)

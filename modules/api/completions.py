@@ -2,7 +2,9 @@
 
 A job is built (and validated) before any byte is sent, so a bad request is a clean 4xx,
 never a broken stream. `response()` drains the generations for a JSON answer; `events()`
-yields the stream chunks; both run in the threadpool (see streaming.py).
+yields the stream chunks; both run in the threadpool (see streaming.py). Both are built from
+the models in responses.py, the routes' documented schema: a chunk is its model dumped with
+`exclude_unset` (as vLLM does), so a key is sent only where the model is given it.
 """
 
 from __future__ import annotations
@@ -12,16 +14,34 @@ import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from modules.api.responses import (
+    ChatCompletionLogProb,
+    ChatCompletionLogProbs,
+    ChatCompletionLogProbsContent,
+    ChatCompletionMessage,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    CompletionLogProbs,
+    CompletionResponse,
+    CompletionResponseChoice,
+    CompletionResponseStreamChoice,
+    CompletionStreamResponse,
+    DeltaMessage,
+    FinishReason,
+    UsageInfo,
+)
 from modules.api.schemas import ChatCompletionRequest, CompletionRequest
 from modules.api.state import ApiState, Caller, usage
 from modules.chat.prompt import CONTINUE, INSTRUCT, REPLY
 from modules.chat.service import PreparedChat
 from modules.chat.types import ASSISTANT, SYSTEM, USER, Message
-from modules.errors import InvalidRequestError
-from modules.generation import GenerationChunk, TokenLogprob
+from modules.core.errors import InvalidRequestError
+from modules.engine.generation import GenerationChunk, TokenLogprob
 
 # "cancelled" is ours; OpenAI clients know only these.
-FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "cancelled": "stop"}
 _SYSTEM_ROLES = ("system", "developer")
 
 
@@ -41,9 +61,9 @@ class _Job:
         self.created = int(time.time())
         self.model = state.app.models.name or "None"
 
-    def _envelope(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
-                "choices": choices, **extra}
+    def _envelope(self) -> dict[str, Any]:
+        """The fields every response and chunk of this job repeats, as response-model arguments."""
+        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model}
 
 
 class CompletionJob(_Job):
@@ -64,7 +84,7 @@ class CompletionJob(_Job):
             return ""
         return prompt if isinstance(prompt, str) else self.state.app.models.require().decode(prompt)
 
-    def response(self) -> dict[str, Any]:
+    def response(self) -> CompletionResponse:
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for index, prompt in enumerate(self.prompts):
             chunks = list(self.run.chunks(prompt))
@@ -73,19 +93,21 @@ class CompletionJob(_Job):
             completion_tokens += last.completion_tokens
             echo = self._echo(prompt)
             steps = [step for chunk in chunks for step in chunk.logprobs]
-            choices.append({"index": index, "text": echo + last.text,
-                            "logprobs": completion_logprobs(steps, len(echo)) if self.req.logprobs else None,
-                            "finish_reason": FINISH[last.finish_reason or "stop"]})
-        totals = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens}
-        return self._envelope(choices, usage=totals)
+            choices.append(CompletionResponseChoice(
+                index=index, text=echo + last.text,
+                logprobs=completion_logprobs(steps, len(echo)) if self.req.logprobs else None,
+                finish_reason=FINISH[last.finish_reason or "stop"]))
+        totals = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                           total_tokens=prompt_tokens + completion_tokens)
+        return CompletionResponse(**self._envelope(), choices=choices, usage=totals)
 
-    def _chunk(self, index: int, text: str, finish: str | None, last: GenerationChunk | None = None,
+    def _chunk(self, index: int, text: str, finish: FinishReason | None, last: GenerationChunk | None = None,
                offset: int = 0) -> dict[str, Any]:
         logprobs = completion_logprobs(last.logprobs, offset) if self.req.logprobs and last else None
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        choice = CompletionResponseStreamChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
         # SillyTavern reads token usage from the chunk that carries finish_reason.
-        return self._envelope([choice], usage=usage(last) if finish else None)
+        return _payload(CompletionStreamResponse(**self._envelope(), choices=[choice],
+                                                 usage=usage(last) if finish else None))
 
     def events(self) -> Iterator[dict[str, Any]]:
         totals: GenerationChunk | None = None
@@ -102,26 +124,33 @@ class CompletionJob(_Job):
                     yield self._chunk(index, chunk.delta, None, chunk, offset)
                 offset += len(chunk.delta)
         if self.req.stream_options and self.req.stream_options.include_usage:
-            yield self._envelope([], usage=usage(totals))
+            yield _payload(CompletionStreamResponse(**self._envelope(), choices=[], usage=usage(totals)))
 
 
-def completion_logprobs(steps: Sequence[TokenLogprob], offset: int) -> dict[str, Any]:
+def _payload(chunk: CompletionStreamResponse | ChatCompletionStreamResponse) -> dict[str, Any]:
+    """A stream chunk as the JSON object sent in its SSE event: the keys its builder set."""
+    return chunk.model_dump(exclude_unset=True)
+
+
+def completion_logprobs(steps: Sequence[TokenLogprob], offset: int) -> CompletionLogProbs:
     """OpenAI's legacy completions logprobs object (what SillyTavern reads as top_logprobs[0])."""
     offsets = []
     for step in steps:
         offsets.append(offset)
         offset += len(step.text)
-    return {"tokens": [s.text for s in steps], "token_logprobs": [s.logprob for s in steps],
-            "top_logprobs": [dict(s.top) for s in steps], "text_offset": offsets}
+    return CompletionLogProbs(tokens=[s.text for s in steps], token_logprobs=[s.logprob for s in steps],
+                              top_logprobs=[dict(s.top) for s in steps], text_offset=offsets)
 
 
-def chat_logprobs(steps: Sequence[TokenLogprob]) -> dict[str, Any]:
+def chat_logprobs(steps: Sequence[TokenLogprob]) -> ChatCompletionLogProbs:
     """OpenAI's chat logprobs object: one entry per token with its top alternatives."""
     def entry(text: str, logprob: float) -> dict[str, Any]:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [{**entry(s.text, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]}
-                        for s in steps]}
+    return ChatCompletionLogProbs(content=[
+        ChatCompletionLogProbsContent(**entry(s.text, s.logprob),
+                                      top_logprobs=[ChatCompletionLogProb(**entry(t, lp)) for t, lp in s.top])
+        for s in steps])
 
 
 def chat_prompt(state: ApiState, req: ChatCompletionRequest) -> PreparedChat:
@@ -167,25 +196,28 @@ class ChatCompletionJob(_Job):
         self.cancel = self.run.cancel
         self.strip = not req.continue_  # a fresh reply starts at its first visible character
 
-    def response(self) -> dict[str, Any]:
+    def response(self) -> ChatCompletionResponse:
         chunks = list(self.run.chunks(self.prompt, hook_state=self.hook_state))
         last = chunks[-1]
         text = last.text.lstrip() if self.strip else last.text
         steps = [step for chunk in chunks for step in chunk.logprobs]
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": chat_logprobs(steps) if self.req.logprobs else None,
-                  "finish_reason": FINISH[last.finish_reason or "stop"]}
-        return self._envelope([choice], usage=usage(last))
+        choice = ChatCompletionResponseChoice(index=0, message=ChatCompletionMessage(role="assistant", content=text),
+                                              logprobs=chat_logprobs(steps) if self.req.logprobs else None,
+                                              finish_reason=FINISH[last.finish_reason or "stop"])
+        return ChatCompletionResponse(**self._envelope(), choices=[choice], usage=usage(last))
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None, chunk: GenerationChunk | None = None) -> dict[str, Any]:
+    def _chunk(self, delta: DeltaMessage, finish: FinishReason | None,
+               chunk: GenerationChunk | None = None) -> dict[str, Any]:
+        # OpenAI sends "usage": null on every chunk but the last only when include_usage is on.
         with_usage = self.req.stream_options is not None and self.req.stream_options.include_usage
-        extra = {"usage": None} if with_usage else {}
+        extra: dict[str, Any] = {"usage": None} if with_usage else {}
         logprobs = chat_logprobs(chunk.logprobs) if self.req.logprobs and chunk is not None else None
-        return self._envelope([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **extra)
+        choice = ChatCompletionResponseStreamChoice(index=0, delta=delta, logprobs=logprobs, finish_reason=finish)
+        return _payload(ChatCompletionStreamResponse(**self._envelope(), choices=[choice], **extra))
 
     def events(self) -> Iterator[dict[str, Any]]:
         self.object_name = "chat.completion.chunk"
-        yield self._chunk({"role": "assistant", "content": ""}, None)
+        yield self._chunk(DeltaMessage(role="assistant", content=""), None)
         last: GenerationChunk | None = None
         started = not self.strip
         for chunk in self.run.chunks(self.prompt, hook_state=self.hook_state):
@@ -193,8 +225,8 @@ class ChatCompletionJob(_Job):
             delta = chunk.delta if started else chunk.delta.lstrip()
             started = started or bool(delta)
             if delta:
-                yield self._chunk({"content": delta}, None, chunk)
+                yield self._chunk(DeltaMessage(content=delta), None, chunk)
             if chunk.finish_reason:
-                yield self._chunk({}, FINISH[chunk.finish_reason], None if delta else chunk)
+                yield self._chunk(DeltaMessage(), FINISH[chunk.finish_reason], None if delta else chunk)
         if self.req.stream_options and self.req.stream_options.include_usage:
-            yield self._envelope([], usage=usage(last))
+            yield _payload(ChatCompletionStreamResponse(**self._envelope(), choices=[], usage=usage(last)))

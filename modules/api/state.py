@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 
 from modules.api.embeddings import Embedder
-from modules.generation import GenerationChunk, Reservation, Stream
-from modules.sampling import SamplingParams
+from modules.api.responses import UsageInfo
+from modules.core.sampling import SamplingParams
+from modules.engine.generation import GenerationChunk, Reservation, Stream
 
 if TYPE_CHECKING:
-    from modules.app import App
+    from modules.engine.app import App
 
 DEFAULT_MAX_TOKENS = 512
 """max_new_tokens when a request names none (ooba's default), capped to half the context."""
@@ -218,7 +219,8 @@ def _finish(chunks: Iterator[GenerationChunk]) -> None:
         pass
 
 
-def usage(chunk: GenerationChunk | None) -> dict[str, Any]:
+def usage(chunk: GenerationChunk | None) -> UsageInfo:
+    """The token counts of a generation's last chunk (zeros without one)."""
     prompt = chunk.prompt_tokens if chunk else 0
     completion = chunk.completion_tokens if chunk else 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

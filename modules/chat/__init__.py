@@ -2,5 +2,5 @@
 
 Pure engine code: no gradio, no fastapi. Files live under the app root in characters/,
 personas/, instruction-templates/ and logs/chat/; every user-given name goes through
-modules.paths.safe_join.
+modules.core.paths.safe_join.
 """

@@ -21,7 +21,7 @@ import zlib
 from typing import Any
 
 from modules.chat.types import Character
-from modules.errors import InvalidRequestError
+from modules.core.errors import InvalidRequestError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CARD_KEYWORDS = ("ccv3", "chara")

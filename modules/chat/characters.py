@@ -6,7 +6,7 @@ TavernAI card, kept so an export loses nothing); NAME.png/.jpg/.jpeg/.webp besid
 the picture. personas/NAME.yaml holds `name` and `description`. The file stem is the
 name: it is what chats refer to and what the prompt calls the speaker.
 
-Every name goes through modules.paths.safe_join before it touches the disk, and every
+Every name goes through modules.core.paths.safe_join before it touches the disk, and every
 write is atomic (temp file, then rename).
 """
 
@@ -21,9 +21,9 @@ import yaml
 
 from modules.chat import cards
 from modules.chat.types import Character, Persona
-from modules.errors import InvalidRequestError, NotFoundError, UnsafePathError
-from modules.paths import MAX_NAME_LENGTH, atomic_write_bytes, atomic_write_text, check_name, safe_join
-from modules.safe_yaml import check_size, load_yaml
+from modules.core.errors import InvalidRequestError, NotFoundError, UnsafePathError
+from modules.core.paths import MAX_NAME_LENGTH, atomic_write_bytes, atomic_write_text, check_name, safe_join
+from modules.core.safe_yaml import check_size, load_yaml
 
 YAML_SUFFIXES = (".yaml", ".yml")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -76,7 +76,7 @@ def dump_yaml(data: dict[str, Any]) -> str:
 
 def _parse_yaml(text: bytes, shown: str) -> dict[str, Any]:
     """A mapping from YAML bytes; InvalidRequestError naming `shown` when it is not one
-    (or when it is too large, nests too deep or uses anchors: see modules.safe_yaml)."""
+    (or when it is too large, nests too deep or uses anchors: see modules.core.safe_yaml)."""
     check_size(len(text), shown, param="file")
     try:
         data = load_yaml(text.decode("utf-8-sig"), shown, param="file")

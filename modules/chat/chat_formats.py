@@ -31,7 +31,7 @@ from typing import Any
 
 from modules.chat.prompt import GREETING_META
 from modules.chat.types import ASSISTANT, ROLES, SYSTEM, USER, Chat, Message
-from modules.errors import InvalidRequestError
+from modules.core.errors import InvalidRequestError
 
 NATIVE_VERSION = 1
 OOBA_GREETING_MARKER = "<|BEGIN-VISIBLE-CHAT|>"

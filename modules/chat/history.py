@@ -29,8 +29,8 @@ from pathlib import Path
 
 from modules.chat import chat_formats
 from modules.chat.types import RECREATED, SAVED_AS_COPY, USER, Chat, SaveNotice
-from modules.errors import ChatNotFoundError, InvalidRequestError, UnsafePathError
-from modules.paths import atomic_write_text, check_name, fsync_dir, safe_join
+from modules.core.errors import ChatNotFoundError, InvalidRequestError, UnsafePathError
+from modules.core.paths import atomic_write_text, check_name, fsync_dir, safe_join
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _check_bytes(name: str, what: str) -> None:
 def check_chat_id(chat_id: object) -> str:
     """`chat_id` if it can name a chat file, else UnsafePathError.
 
-    The rules of modules.paths.check_name, plus: no leading dot (such files are hidden
+    The rules of modules.core.paths.check_name, plus: no leading dot (such files are hidden
     and would collide with our temp files) and at most 200 UTF-8 bytes.
     """
     check_name(chat_id, "chat id")
@@ -95,7 +95,7 @@ def check_chat_id(chat_id: object) -> str:
 class HistoryStore:
     """The saved chats under `root` (the app's logs/chat folder), one folder per character.
 
-    Names (character, chat id) are checked with modules.paths (UnsafePathError); bad
+    Names (character, chat id) are checked with modules.core.paths (UnsafePathError); bad
     files raise InvalidRequestError naming the file; a missing chat ChatNotFoundError.
     Safe to share between threads: writes, renames and deletes are serialised by one lock,
     so a save's check of the file's revision and its write are one step for this process.
@@ -462,7 +462,7 @@ def _replace_unless_changed(path: Path, text: str, revision: int) -> bool:
     """Replace `path` by `text` atomically if the file's revision is still `revision`;
     False, with nothing written, if another writer changed it.
 
-    modules.paths.atomic_write_text with one more step: after the temp file is written and
+    modules.core.paths.atomic_write_text with one more step: after the temp file is written and
     fsynced, just before the rename, the file's revision is read again, so a save by another
     process during our write is noticed. What remains is the instant between that read and
     the rename; within one process the store's lock closes it. Same temp-file names as

@@ -17,8 +17,8 @@ from typing import Any
 
 from modules.chat.prompt import CHAT, CHAT_INSTRUCT, REPLY, BuiltPrompt, copy_messages, stop_strings
 from modules.chat.types import USER, Message
-from modules.extensions import ExtensionRegistry, make_state
-from modules.sampling import SamplingParams
+from modules.core.sampling import SamplingParams
+from modules.engine.extensions import ExtensionRegistry, make_state
 
 
 def _is(kind: type) -> Callable[[Any], bool]:

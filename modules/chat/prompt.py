@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from modules.chat.types import ASSISTANT, SYSTEM, USER, Character, Message, Persona
-from modules.errors import ContextLengthExceededError, InvalidRequestError
+from modules.core.errors import ContextLengthExceededError, InvalidRequestError
 
 CHAT, CHAT_INSTRUCT, INSTRUCT = "chat", "chat-instruct", "instruct"
 MODES = (CHAT, CHAT_INSTRUCT, INSTRUCT)

@@ -39,11 +39,11 @@ from modules.chat.prompt import (
 )
 from modules.chat.templates import TemplateChoice, TemplateStore, choose_template, load_model_patterns
 from modules.chat.types import ASSISTANT, USER, Character, Chat, Message, Persona
-from modules.errors import InvalidRequestError
-from modules.extensions import ExtensionRegistry
-from modules.generation import GenerationChunk, Generator, Stream
-from modules.model_manager import ModelManager
-from modules.sampling import SamplingParams
+from modules.core.errors import InvalidRequestError
+from modules.core.sampling import SamplingParams
+from modules.engine.extensions import ExtensionRegistry
+from modules.engine.generation import GenerationChunk, Generator, Stream
+from modules.engine.model_manager import ModelManager
 
 log = logging.getLogger(__name__)
 

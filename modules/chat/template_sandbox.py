@@ -39,7 +39,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatt
 from jinja2.utils import generate_lorem_ipsum
 from markupsafe import Markup
 
-from modules.errors import InvalidRequestError
+from modules.core.errors import InvalidRequestError
 
 PARAM = "instruction_template"
 """The request field every template error names."""

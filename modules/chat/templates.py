@@ -44,9 +44,9 @@ from modules.chat.template_sandbox import (
     render_budget,
     text_of,
 )
-from modules.errors import InvalidRequestError, TemplateNotFoundError
-from modules.paths import atomic_write_text, check_name, safe_join
-from modules.safe_yaml import check_size, load_yaml, load_yaml_file
+from modules.core.errors import InvalidRequestError, TemplateNotFoundError
+from modules.core.paths import atomic_write_text, check_name, safe_join
+from modules.core.safe_yaml import check_size, load_yaml, load_yaml_file
 
 TEMPLATE_SUFFIXES = (".yaml", ".yml", ".jinja")
 """Files TemplateStore reads, in the order a name is looked up."""

@@ -14,9 +14,9 @@ from typing import Any
 
 import gradio as gr
 
-from modules.app import App
 from modules.chat.types import Character
-from modules.errors import WorkbenchError
+from modules.core.errors import WorkbenchError
+from modules.engine.app import App
 
 log = logging.getLogger(__name__)
 

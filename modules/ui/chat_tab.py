@@ -18,11 +18,11 @@ from typing import Any
 
 import gradio as gr
 
-from modules.app import App
 from modules.chat.prompt import CHAT, MODES
 from modules.chat.service import ChatSetup, ChatStream
 from modules.chat.types import SAVED_AS_COPY, Chat
-from modules.errors import ModelNotLoadedError, WorkbenchError
+from modules.core.errors import ModelNotLoadedError, WorkbenchError
+from modules.engine.app import App
 from modules.ui import chat_view, extensions_ui
 from modules.ui.common import sampling_from_state
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from modules.chat.history import ChatSummary
 from modules.chat.types import ASSISTANT, USER, Chat, Message
-from modules.generation import GenerationChunk
+from modules.engine.generation import GenerationChunk
 from modules.ui.common import speed_text
 
 SHOWN_ROLES = (USER, ASSISTANT)

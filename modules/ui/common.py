@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from modules.generation import GenerationChunk
-from modules.sampling import SamplingParams
+from modules.core.sampling import SamplingParams
+from modules.engine.generation import GenerationChunk
 
 #: The UI's starting point before any preset is applied: a sane chat default.
 UI_DEFAULTS: dict[str, Any] = {

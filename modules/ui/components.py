@@ -7,7 +7,7 @@ from typing import Any
 
 import gradio as gr
 
-from modules.settings import Settings
+from modules.core.settings import Settings
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 

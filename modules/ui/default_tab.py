@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from modules.app import App
+from modules.engine.app import App
 from modules.ui.streaming import NO_MODEL_COUNT, SessionStreams, count_tokens, params_or_error
 
 

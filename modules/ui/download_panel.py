@@ -1,7 +1,7 @@
 """Model tab panel "Download a model": paste a link, see the files and what fits, download.
 
-Wiring only: listing, planning and downloading live in modules/downloader.py and the
-estimates in modules/memory_fit.py. A download runs in its own worker thread (never the
+Wiring only: listing, planning and downloading live in modules/hub/downloader.py and the
+estimates in modules/hub/memory_fit.py. A download runs in its own worker thread (never the
 generation queue); the handler only polls it to move gr.Progress (bytes, speed, ETA).
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 
 import gradio as gr
 
-from modules import downloader, memory_fit
-from modules.app import App
-from modules.errors import WorkbenchError
-from modules.hub_files import plan_download
+from modules.core.errors import WorkbenchError
+from modules.engine.app import App
+from modules.hub import downloader, memory_fit
+from modules.hub.files import plan_download
 
 log = logging.getLogger(__name__)
 FOLDER_CHOICE = "Folder model: safetensors shards + tokenizer + config"

@@ -1,6 +1,6 @@
 """Extensions in the web UI: each enabled extension's ui(), its CSS/JS, and its errors as warnings.
 
-The engine owns the registry (modules/extensions.py); this module only places an
+The engine owns the registry (modules/engine/extensions.py); this module only places an
 extension's controls (its own tab with `params["is_tab"]`, else an accordion in the
 Extensions tab) and turns the registry's error queue into gr.Warning toasts.
 """
@@ -11,7 +11,7 @@ import logging
 
 import gradio as gr
 
-from modules.app import App
+from modules.engine.app import App
 
 log = logging.getLogger(__name__)
 

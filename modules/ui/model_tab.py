@@ -7,9 +7,9 @@ from typing import Any
 
 import gradio as gr
 
-from modules.app import App
-from modules.errors import WorkbenchError
-from modules.settings import CLI_ONLY
+from modules.core.errors import WorkbenchError
+from modules.core.settings import CLI_ONLY
+from modules.engine.app import App
 from modules.ui import download_panel
 from modules.ui.components import setting_component
 

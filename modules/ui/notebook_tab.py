@@ -12,9 +12,9 @@ from typing import Any
 
 import gradio as gr
 
-from modules.app import App
-from modules.notebook import DEFAULT_DEPTH, MAX_DEPTH, build_prompt
-from modules.sampling import SamplingParams
+from modules.core.sampling import SamplingParams
+from modules.engine.app import App
+from modules.engine.notebook import DEFAULT_DEPTH, MAX_DEPTH, build_prompt
 from modules.ui.streaming import NO_MODEL_COUNT, SessionStreams, count_tokens, params_or_error, prompt_budget
 
 

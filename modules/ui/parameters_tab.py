@@ -16,11 +16,11 @@ from typing import Any
 
 import gradio as gr
 
-from modules.app import App
-from modules.errors import InvalidRequestError, WorkbenchError
-from modules.presets import PresetStore, apply_preset, check_preset_name, parameter_docs, validate
-from modules.sampling import SAMPLER_NAMES, parse_stop_strings
-from modules.settings import resolve_path
+from modules.core.errors import InvalidRequestError, WorkbenchError
+from modules.core.sampling import SAMPLER_NAMES, parse_stop_strings
+from modules.core.settings import resolve_path
+from modules.engine.app import App
+from modules.engine.presets import PresetStore, apply_preset, check_preset_name, parameter_docs, validate
 from modules.ui.common import default_params
 
 log = logging.getLogger(__name__)

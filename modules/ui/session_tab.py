@@ -16,9 +16,9 @@ from typing import Any
 import gradio as gr
 import yaml
 
-from modules.app import App
-from modules.errors import WorkbenchError
-from modules.settings import Settings
+from modules.core.errors import WorkbenchError
+from modules.core.settings import Settings
+from modules.engine.app import App
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import gradio as gr
 
-from modules.app import App
-from modules.errors import WorkbenchError
-from modules.generation import Stream
-from modules.sampling import SamplingParams
+from modules.core.errors import WorkbenchError
+from modules.core.sampling import SamplingParams
+from modules.engine.app import App
+from modules.engine.generation import Stream
 from modules.ui import extensions_ui
 from modules.ui.common import sampling_from_state, speed_text
 

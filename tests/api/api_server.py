@@ -69,8 +69,8 @@ def main(argv: list[str]) -> int:
     import logging
 
     from modules.api import serve_in_thread
-    from modules.app import App
-    from modules.settings import load_settings
+    from modules.core.settings import load_settings
+    from modules.engine.app import App
 
     port, *flags = argv
     settings = load_settings(flags, ROOT, cmd_flags_path=Path(os.devnull))

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from modules.api import create_app
-from modules.app import App
+from modules.engine.app import App
 from tests.fakes import EOS, FakeLoader, script_text
 
 LOCAL = "http://127.0.0.1:5000"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modules.extensions import GENERATION_ORDER
+from modules.engine.extensions import GENERATION_ORDER
 from tests.api.conftest import sse_payloads
 from tests.extension_scripts import FLAKY_OUTPUT, RECORDER, write_extension
 

@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 
 from modules.api import create_app
-from modules.app import App
-from modules.settings import Settings
+from modules.core.settings import Settings
+from modules.engine.app import App
 from tests.api.api_server import ROOT, ApiServer
 from tests.test_server import free_port
 

@@ -37,8 +37,8 @@ from modules.api.schemas import (
     MAX_TOP_LOGPROBS,
 )
 from modules.api.streaming import sse_data
-from modules.errors import InvalidRequestError
-from modules.sampling import SamplingParams
+from modules.core.errors import InvalidRequestError
+from modules.core.sampling import SamplingParams
 from tests.api.api_server import ApiServer
 from tests.test_server import free_port
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from modules.generation import GenerationChunk
+from modules.engine.generation import GenerationChunk
 from tests.api.conftest import sse_payloads
 
 
@@ -128,7 +128,7 @@ def test_no_model_is_a_clear_400(client):
 
 
 def test_a_failure_mid_stream_is_an_error_chunk_before_done(client, model, monkeypatch):
-    from modules.errors import GenerationError
+    from modules.core.errors import GenerationError
 
     def broken(_chunk):
         raise GenerationError("the backend fell over")

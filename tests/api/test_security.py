@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from modules.api import serve_in_thread
-from modules.app import App
-from modules.sampling import SamplingParams
+from modules.core.sampling import SamplingParams
+from modules.engine.app import App
 from tests.fakes import FakeLoader, script_text
 
 pytestmark = pytest.mark.timeout(120)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from modules.errors import InvalidRequestError
+from modules.core.errors import InvalidRequestError
 
 HUB_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
 # The Hub's own rule for names: letters, digits, - _ . ; no leading/trailing - or ., no "--" or "..".

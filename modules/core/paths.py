@@ -13,7 +13,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from modules.errors import UnsafePathError
+from modules.core.errors import UnsafePathError
 
 MAX_NAME_LENGTH = 200
 """Characters in one name; file systems allow 255 bytes, and a suffix may be added."""

@@ -12,7 +12,7 @@ loader for steps (token id and, when asked, its log-probabilities), turns them i
 cuts at stop strings with StopMatcher (never leaked), and honours cancel, EOS,
 max_new_tokens and the context window.
 
-Extension hooks (modules/extensions.py) wrap that loop, never enter it: with no extension
+Extension hooks (modules/engine/extensions.py) wrap that loop, never enter it: with no extension
 enabled a job carries no hooks and runs exactly as before. With some, `submit` runs
 state_modifier and input_modifier (plain completions; chat ran them already), the
 worker runs custom_generate_reply and tokenizer_modifier, and the consumer's thread runs
@@ -32,17 +32,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from loaders.base import LoadedModel, Step, concurrency_of, within_vocabulary
-from modules.errors import (
+from modules.core.errors import (
     ContextLengthExceededError,
     GenerationError,
     InvalidRequestError,
     ModelNotLoadedError,
     QueueFullError,
 )
-from modules.extensions import ExtensionRegistry, make_state
-from modules.model_manager import ModelManager
-from modules.sampling import SamplingParams
-from modules.text_stream import IncrementalDetokenizer, StopMatcher
+from modules.core.sampling import SamplingParams
+from modules.engine.extensions import ExtensionRegistry, make_state
+from modules.engine.model_manager import ModelManager
+from modules.engine.text_stream import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
 

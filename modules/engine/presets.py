@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
-from modules.errors import InvalidRequestError, NotFoundError
-from modules.paths import atomic_write_text, check_name, safe_join
-from modules.safe_yaml import load_yaml_file
-from modules.sampling import SamplingParams
+from modules.core.errors import InvalidRequestError, NotFoundError
+from modules.core.paths import atomic_write_text, check_name, safe_join
+from modules.core.safe_yaml import load_yaml_file
+from modules.core.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

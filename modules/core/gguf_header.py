@@ -21,7 +21,7 @@ Two entry points, one parser:
     raises), plus `_vocab_count`, the length of the `tokenizer.ggml.tokens` array, when the
     whole array was inside `data`.
 
-Layer 0: stdlib and modules.errors only (loaders import it).
+Layer 0: stdlib and modules.core.errors only (loaders import it).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modules.errors import ModelLoadError
+from modules.core.errors import ModelLoadError
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

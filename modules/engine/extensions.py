@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modules.errors import WorkbenchError
-from modules.paths import check_name
-from modules.sampling import SamplingParams
+from modules.core.errors import WorkbenchError
+from modules.core.paths import check_name
+from modules.core.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

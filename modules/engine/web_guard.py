@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from modules.settings import Settings
+from modules.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

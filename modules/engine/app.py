@@ -12,12 +12,12 @@ from modules.chat.characters import CharacterStore, PersonaStore
 from modules.chat.history import HistoryStore
 from modules.chat.service import ChatService
 from modules.chat.templates import TemplateRenderer, TemplateStore
-from modules.errors import InvalidRequestError
-from modules.extensions import ExtensionRegistry
-from modules.generation import Generator
-from modules.model_manager import ModelManager
-from modules.paths import atomic_write_text
-from modules.settings import CLI_ONLY, Settings, resolve_path
+from modules.core.errors import InvalidRequestError
+from modules.core.paths import atomic_write_text
+from modules.core.settings import CLI_ONLY, Settings, resolve_path
+from modules.engine.extensions import ExtensionRegistry
+from modules.engine.generation import Generator
+from modules.engine.model_manager import ModelManager
 
 log = logging.getLogger(__name__)
 

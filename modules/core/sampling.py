@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from modules.errors import InvalidRequestError
+from modules.core.errors import InvalidRequestError
 
 #: Sampler names understood in `sampler_priority` (ooba's names). Names clients send that
 #: are not listed here are ignored, the way ooba ignores them.

@@ -9,7 +9,7 @@ nesting depth (PyYAML composes nodes recursively: `[[[[...` 10,000 deep is a
 RecursionError) and the number of values, which with the size bounds the parsing time
 (a few seconds at worst: PyYAML's pure-Python loader is the one that can be extended).
 
-Layer 0: stdlib, yaml and modules.errors only.
+Layer 0: stdlib, yaml and modules.core.errors only.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from modules.errors import InvalidRequestError
+from modules.core.errors import InvalidRequestError
 
 #: Largest YAML text accepted (bytes for bytes and files, characters for str). Characters,
 #: presets and settings are a few KB; an imported card with a long lore is a few hundred.

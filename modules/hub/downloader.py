@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from modules import memory_fit
-from modules.errors import (
+from modules.core.errors import (
     ChecksumError,
     DownloadCancelled,
     DownloadError,
@@ -34,9 +33,10 @@ from modules.errors import (
     NotFoundError,
     WorkbenchError,
 )
-from modules.hub_files import DownloadPlan, GgufChoice, HubFile, classify, gguf_choices, plan_download
-from modules.hub_links import HubLink, parse_link
-from modules.paths import safe_join
+from modules.core.paths import safe_join
+from modules.hub import memory_fit
+from modules.hub.files import DownloadPlan, GgufChoice, HubFile, classify, gguf_choices, plan_download
+from modules.hub.links import HubLink, parse_link
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 HEADER_PREFIX_BYTES = 2 * 2**20  # enough for the architecture keys, which come before the tokenizer

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from modules.errors import InvalidRequestError, UnsafePathError
-from modules.paths import safe_join
+from modules.core.errors import InvalidRequestError, UnsafePathError
+from modules.core.paths import safe_join
 
 #: Nominal bits per weight of llama.cpp quant types (for the table; the file size is what counts).
 QUANT_BITS = {

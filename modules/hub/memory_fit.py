@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from loaders.base import auto_context
-from modules import gguf_header
+from modules.core import gguf_header
 
 MIB = 2**20
 GIB = 2**30
@@ -175,7 +175,7 @@ def parse_gguf_prefix(data: bytes) -> dict[str, Any]:
     Tolerant on purpose: the downloader reads only a prefix of a remote file with a Range
     request, so a header cut short returns what was read so far (architecture numbers come
     before the big tokenizer arrays). Not a GGUF: an empty dict. Never raises; counts and
-    depths are bounded (see modules.gguf_header.read_header_prefix).
+    depths are bounded (see modules.core.gguf_header.read_header_prefix).
     """
     return gguf_header.read_header_prefix(data)
 

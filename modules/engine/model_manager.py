@@ -21,16 +21,16 @@ from typing import Any
 
 import loaders
 from loaders.base import LoadedModel
-from modules.errors import (
+from modules.core.errors import (
     BackendMissingError,
     InvalidRequestError,
     ModelLoadError,
     ModelNotFoundError,
     ModelNotLoadedError,
 )
-from modules.paths import atomic_write_text, safe_join
-from modules.safe_yaml import load_yaml_file
-from modules.settings import CLI_ONLY, Settings, check_option
+from modules.core.paths import atomic_write_text, safe_join
+from modules.core.safe_yaml import load_yaml_file
+from modules.core.settings import CLI_ONLY, Settings, check_option
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from modules.errors import InvalidRequestError
-from modules.safe_yaml import load_yaml_file
+from modules.core.errors import InvalidRequestError
+from modules.core.safe_yaml import load_yaml_file
 
 log = logging.getLogger(__name__)
 
