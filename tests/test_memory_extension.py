@@ -109,3 +109,21 @@ def test_files_are_remembered_passage_by_passage(tmp_path):
     hits = memory._store.search("Agnes", memory.embed("When do the ferries go to the island?"), 1)
     assert "Ferries leave for the island" in hits[0][2]
     memory._store.close()
+
+
+def test_the_extension_embeds_with_the_apps_embedder(tmp_path):
+    """One copy of the embedding model for /v1/embeddings and the memory extension."""
+    memory = load_memory_module()
+    calls = []
+
+    class CountingEmbedder:
+        def vectors(self, texts):
+            calls.append(list(texts))
+            return [[1.0, 0.0]], 1
+
+    class App:
+        root = tmp_path
+        embedder = CountingEmbedder()
+
+    memory.setup(App())
+    assert memory._default_embedder()("hello") == [1.0, 0.0] and calls == [["hello"]]

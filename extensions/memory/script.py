@@ -38,9 +38,13 @@ run one after the other in the same ChatService.build call, hence in the same th
 
 
 def _default_embedder() -> Callable[[str], list[float]]:
-    from modules.api.embeddings import Embedder  # the model loads on first use, not at start
+    """The app's embedder (one copy of the model for the API and this extension); loaded on
+    first use, not at start."""
+    embedder = getattr(_app, "embedder", None)
+    if embedder is None:
+        from modules.engine.embeddings import Embedder
 
-    embedder = Embedder()
+        embedder = Embedder()
     return lambda text: embedder.vectors([text])[0][0]
 
 

@@ -7,6 +7,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from modules.api.completions import ChatCompletionJob, CompletionJob
+from modules.api.embeddings import embed
 from modules.api.responses import (
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
@@ -68,4 +69,4 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=error_responses(413, 415))
 def embeddings(body: EmbeddingsRequest, request: Request) -> EmbeddingResponse:
     """Sentence embeddings from the offline all-MiniLM-L6-v2 package (loaded on first use)."""
-    return EmbeddingResponse.model_validate(get_state(request).embedder.embed(body))
+    return EmbeddingResponse.model_validate(embed(get_state(request).app.embedder, body))

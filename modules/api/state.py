@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from modules.api.embeddings import Embedder
 from modules.api.responses import UsageInfo
 from modules.core.sampling import SamplingParams
 from modules.engine.generation import GenerationChunk, Reservation, Stream
@@ -101,7 +100,6 @@ class ApiState:
     app: App
     active: ActiveStreams = field(default_factory=ActiveStreams)
     perf: Perf = field(default_factory=Perf)
-    embedder: Embedder = field(default_factory=Embedder)
 
     def default_params(self, explicit_max_tokens: bool) -> SamplingParams:
         """The neutral sampler defaults; without a max_tokens, ooba's 512 capped to half the context."""

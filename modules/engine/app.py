@@ -15,6 +15,7 @@ from modules.chat.templates import TemplateRenderer, TemplateStore
 from modules.core.errors import InvalidRequestError
 from modules.core.paths import atomic_write_text
 from modules.core.settings import CLI_ONLY, Settings, resolve_path
+from modules.engine.embeddings import Embedder
 from modules.engine.extensions import ExtensionRegistry
 from modules.engine.generation import Generator
 from modules.engine.model_manager import ModelManager
@@ -40,6 +41,8 @@ class App:
     history: HistoryStore
     chat: ChatService
     extensions: ExtensionRegistry
+    embedder: Embedder = dataclasses.field(default_factory=Embedder)
+    """Sentence embeddings (loaded on first use) for /v1/embeddings and the extensions."""
     restart_requested: threading.Event = dataclasses.field(default_factory=threading.Event)
     """Set by the Session tab's Restart button; server.py rebuilds the UI (the model stays loaded)."""
     _save_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)

@@ -113,7 +113,7 @@ def test_api_key_is_required_and_cors_preflight_passes(app, model):
 
 
 def test_embeddings_without_the_package_say_how_to_install(client, monkeypatch):
-    import modules.api.embeddings as embeddings
+    import modules.engine.embeddings as embeddings
 
     monkeypatch.setattr(embeddings, "PACKAGE", "no_such_package_here")
     resp = client.post("/v1/embeddings", json={"input": "hello"})
