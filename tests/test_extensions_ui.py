@@ -27,5 +27,6 @@ def test_enabled_extensions_get_their_controls_css_and_js(tmp_path):
         assert ".recorder" in options["css"] and "console.log('recorder')" in options["js"]
         assert app.extensions.enabled[3].module.CALLS == ["setup", "ui"]
         assert "css" not in launch_options()
+        assert launch_options()["max_file_size"] == "64mb"  # UI uploads are capped
     finally:
         app.close()

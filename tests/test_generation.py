@@ -268,3 +268,10 @@ def test_concurrency_is_the_declared_parallel(app, fake):
     assert concurrency_of(fake) == 1 and concurrency_of(None) == 1
     fake.parallel = 4
     assert concurrency_of(fake) == 4
+
+
+def test_a_prompt_with_a_lone_surrogate_is_refused_before_any_tokenizer(app, fake):
+    with pytest.raises(InvalidRequestError, match="lone surrogate"):
+        app.generator.submit("hi \ud83d there", SamplingParams(max_new_tokens=2))
+    assert app.generator.waiting == 0  # its place in the queue was given back
+    assert app.generator.generate("hi", SamplingParams(max_new_tokens=2)).finish_reason

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import re
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -47,6 +48,7 @@ from modules.engine.text_stream import IncrementalDetokenizer, StopMatcher
 log = logging.getLogger(__name__)
 
 FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,12 @@ class Generator:
             if reservation is not None:
                 reservation.release()
             raise InvalidRequestError("prompt must be text or a list of token ids", "prompt")
+        if isinstance(prompt, str) and _LONE_SURROGATE.search(prompt):
+            # Not UTF-8 encodable: every tokenizer would fail on it, whichever face sent it.
+            if reservation is not None:
+                reservation.release()
+            raise InvalidRequestError("the prompt holds a lone surrogate (half of a UTF-16 pair): not valid text",
+                                      "prompt")
         reserved = reservation is not None and reservation.take()
         if not reserved:
             self._take_place(limited=not raw)
