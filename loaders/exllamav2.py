@@ -54,6 +54,7 @@ from modules.core.errors import (
     UnsupportedOptionError,
     WorkbenchError,
 )
+from modules.core.loader_options import ExLlamaV2Options
 from modules.core.sampling import SAMPLER_NAMES, SamplingParams
 
 INSTALL_HINT = "pip install -r requirements-cuda.txt (start_linux.sh does this when nvidia-smi finds a GPU)"
@@ -73,35 +74,6 @@ CACHE_CLASSES = {
 MAX_INPUT_LEN = 2048
 #: Quantisation methods exllamav2 0.3.2 reads (EXL2 tensors, GPTQ qweight/qzeros/scales).
 SUPPORTED_QUANT = ("exl2", "gptq")
-
-
-@dataclass
-class ExLlamaV2Options:
-    """How to load a model with ExLlamaV2; names as in ooba's ExLlamav2 loaders."""
-
-    gpu_split: str = ""
-    """VRAM in GB to use per GPU for the weights, comma-separated (e.g. "20,7.5"); empty
-    puts everything on the first GPU (or lets autosplit / tensor parallelism decide)."""
-    autosplit: bool = False
-    """Fill the GPUs in turn with weights and cache (load_autosplit); excludes gpu_split."""
-    max_seq_len: int = 0
-    """Context length in tokens; 0 takes the model's own, capped at 8192."""
-    exl2_cache: str = "fp16"
-    """KV cache: fp16, fp8 (8-bit), q8, q6 or q4 (Q4 takes a quarter of FP16's memory)."""
-    alpha_value: float = 1.0
-    """NTK RoPE alpha: stretches the context without fine-tuning (about 2.5 for 2x); 1 is off."""
-    compress_pos_emb: float = 0.0
-    """Linear RoPE scaling (context / trained context, for models tuned for it); 0 keeps the model's."""
-    no_flash_attn: bool = False
-    """Do not use flash-attention even when it is installed."""
-    no_xformers: bool = False
-    """Do not use xformers even when it is installed."""
-    no_sdpa: bool = False
-    """Do not use PyTorch's scaled-dot-product attention."""
-    num_experts_per_token: int = 0
-    """Experts per token for mixture-of-experts models (Mixtral...); 0 keeps the model's."""
-    enable_tp: bool = False
-    """Tensor parallelism: split every layer across all GPUs (gpu_split, if given, caps each GPU)."""
 
 
 @dataclass(frozen=True)

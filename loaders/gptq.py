@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +27,16 @@ from loaders import register_loader
 from loaders.hf_folder import check_remote_code, read_config
 from loaders.transformers import TransformersLoader
 from modules.core.errors import BackendMissingError, ModelLoadError, UnsupportedOptionError
+from modules.core.loader_options import GPTQ_BACKENDS, GPTQOptions
 
 INSTALL_HINT = "pip install -r requirements-gptq.txt"
 #: The packages the GPTQ path imports: transformers' GPTQ quantizer needs optimum, and
 #: optimum's needs gptqmodel's kernels.
 PACKAGES = ("torch", "transformers", "optimum", "gptqmodel")
-#: Kernel names offered to the user (GPTQModel's BACKEND values, which it maps to its GPTQ
-#: kernels): auto lets GPTQModel choose for the device; torch runs everywhere; torch_int8 is
-#: its fused int8 CPU kernel; the others need an NVIDIA GPU (marlin: compute capability 8.0+).
-BACKENDS = ("auto", "torch", "torch_int8", "triton", "exllama_v2", "marlin")
+#: Kernel names offered to the user (the gptq_backend option's choices).
+BACKENDS = GPTQ_BACKENDS
 #: Bit widths GPTQ checkpoints use (transformers' GPTQConfig accepts these).
 GPTQ_BITS = (2, 3, 4, 8)
-
-
-@dataclass
-class GPTQOptions:
-    """How to load a GPTQ model folder. The names are modules.core.settings.Settings fields."""
-
-    gptq_backend: str = "auto"
-    """GPTQModel kernel: auto | torch | torch_int8 | triton | exllama_v2 | marlin."""
-    gptq_max_seq_len: int = 0
-    """Context length in tokens (prompt + reply); 0 uses the model's own."""
-    cpu: bool = False
-    """Run on the CPU (GPTQModel's torch kernel) even when a CUDA GPU is present."""
-    trust_remote_code: bool = False
-    """Run the Python code a model folder ships (needed by some architectures)."""
-    parallel: int = 1
-    """Generations served at once: above 1, concurrent requests share one batched forward per
-    step (the Transformers loader's batch scheduler); 1 runs them one after another."""
 
 
 @register_loader

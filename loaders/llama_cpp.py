@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from modules.core.errors import (
     ModelLoadError,
     ModelNotLoadedError,
 )
+from modules.core.loader_options import LlamaCppOptions
 from modules.core.sampling import SAMPLER_NAMES, SamplingParams
 
 #: The context Llama itself is built with; generation never uses it.
@@ -53,44 +53,6 @@ FILE_TYPES = {
     23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL", 26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S",
     29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4",
 }
-
-
-@dataclass
-class LlamaCppOptions:
-    """Load options; the field names match llama-server's command-line flags."""
-
-    n_gpu_layers: int = 0
-    """Layers to offload to the GPU; -1 offloads all of them."""
-    ctx_size: int = 0
-    """Context length in tokens; 0 takes the model's trained context, capped at 8192."""
-    threads: int = 0
-    """Threads for generation; 0 uses the number of physical cores."""
-    threads_batch: int = 0
-    """Threads for prompt processing; 0 uses the same number as `threads`."""
-    batch_size: int = 512
-    """Prompt tokens evaluated per llama_decode call."""
-    rope_freq_base: float = 0.0
-    """RoPE base frequency; 0 keeps the model's."""
-    rope_freq_scale: float = 0.0
-    """RoPE frequency scaling factor; 0 keeps the model's."""
-    flash_attn: bool = False
-    """Always use flash attention (switched on anyway for a quantised KV cache, which needs it)."""
-    no_flash_attn: bool = False
-    """Never use it. Neither set: llama.cpp's "auto", on where the backend supports it
-    (measured on a 2-core CPU: +7 % decode alone, +20 % with 8 requests batched)."""
-    cache_type: str = "f16"
-    """KV cache type: f16, q8_0, q4_0, or f32 (exact, for tests)."""
-    tensor_split: str = ""
-    """Comma-separated proportions of the model per GPU, e.g. "3,1"."""
-    no_mmap: bool = False
-    """Read the whole file into memory instead of memory-mapping it."""
-    mlock: bool = False
-    """Lock the model in RAM so the OS cannot swap it out."""
-    parallel: int = 1
-    """Requests served at once; each slot has its own `ctx_size` context in the KV cache."""
-    no_context_shift: bool = False
-    """Re-evaluate the turns kept after a chat is cut to fit, instead of shifting their KV
-    cache: exact, where a shift keeps what they meant beside the dropped turns."""
 
 
 @register_loader

@@ -18,7 +18,6 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
@@ -35,6 +34,7 @@ from modules.core.errors import (
     UnsupportedOptionError,
     WorkbenchError,
 )
+from modules.core.loader_options import DTYPES, TransformersOptions
 from modules.core.sampling import SAMPLER_NAMES, SamplingParams
 
 if TYPE_CHECKING:
@@ -43,34 +43,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -r requirements.txt"
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 #: Prompt tokens evaluated per forward pass: bounds the memory of a long prompt's
 #: activations and lets a cancel land between chunks.
 PREFILL_CHUNK = 512
 #: tokenizer.model_max_length above this is transformers' "no limit" placeholder (1e30).
 _SANE_MODEL_MAX_LENGTH = 10_000_000
-
-
-@dataclass
-class TransformersOptions:
-    """How to load a Transformers model folder."""
-
-    dtype: str = "auto"
-    """auto | float32 | float16 | bfloat16; auto is bfloat16 on CUDA (float16 without bf16
-    support) and float32 on CPU."""
-    cpu: bool = False
-    """Run on the CPU even when a CUDA GPU is present."""
-    load_in_8bit: bool = False
-    """Quantise the weights to 8 bits at load with bitsandbytes (CUDA only)."""
-    load_in_4bit: bool = False
-    """Quantise the weights to 4 bits (NF4) at load with bitsandbytes (CUDA only)."""
-    trust_remote_code: bool = False
-    """Run the Python code a model folder ships (needed by some architectures)."""
-    allow_pickle: bool = False
-    """Load pickled .bin weights when a folder has no safetensors (read with weights_only=True)."""
-    parallel: int = 1
-    """Generations served at once: above 1, concurrent requests share one batched forward per
-    step (loaders/transformers_batch.py); 1 runs each request alone, one after another."""
 
 
 @register_loader

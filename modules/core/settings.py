@@ -12,13 +12,20 @@ import argparse
 import dataclasses
 import logging
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from modules.core.errors import InvalidRequestError
+from modules.core.loader_options import (
+    ExLlamaV2Options,
+    GPTQOptions,
+    LlamaCppOptions,
+    TransformersOptions,
+    opt,
+)
 from modules.core.safe_yaml import load_yaml_file
 
 log = logging.getLogger(__name__)
@@ -26,105 +33,52 @@ log = logging.getLogger(__name__)
 GROUPS = ("Model", "llama.cpp", "Transformers", "ExLlamaV2", "GPTQ", "Server", "Other")
 
 
-def _opt(default: Any, group: str, help: str, **extra: Any) -> Any:
-    """A settings field with its flag group and help text."""
-    meta = {"group": group, "help": help, **extra}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
-class Settings:
-    """Every flag of server.py. Loader option dataclasses reuse these field names."""
+class ModelChoice:
+    """Which model to load at start, and with which loader (the Model flag group)."""
 
-    # Model
-    model: str | None = _opt(None, "Model", "Model to load at start: a .gguf file or a folder name in the models folder.")
-    loader: str | None = _opt(None, "Model", "Loader to use instead of the one inferred from the model's files "
-                              "(llama.cpp, transformers, exllamav2, gptq).")
-    models_dir: str = _opt("models", "Model", "Folder that holds the models.")
-    # llama.cpp
-    n_gpu_layers: int = _opt(0, "llama.cpp", "Layers to offload to the GPU; -1 offloads all.", bounds=(-1, 100_000))
-    ctx_size: int = _opt(0, "llama.cpp", "Context size in tokens; 0 uses the model's own, capped at 8192.", bounds=(0, 4_194_304))
-    threads: int = _opt(0, "llama.cpp", "CPU threads for generation; 0 picks the number of physical cores.", bounds=(0, 1024))
-    threads_batch: int = _opt(0, "llama.cpp", "CPU threads for prompt processing; 0 picks automatically.", bounds=(0, 1024))
-    batch_size: int = _opt(512, "llama.cpp", "Prompt tokens processed per batch.", bounds=(1, 65_536))
-    rope_freq_base: float = _opt(0.0, "llama.cpp", "RoPE base frequency; 0 uses the model's.", bounds=(0.0, 1e9))
-    rope_freq_scale: float = _opt(0.0, "llama.cpp", "RoPE frequency scaling factor; 0 uses the model's.", bounds=(0.0, 1000.0))
-    flash_attn: bool = _opt(False, "llama.cpp", "Always use flash attention (by default llama.cpp uses it where the "
-                            "backend supports it).")
-    cache_type: str = _opt("f16", "llama.cpp", "KV cache type; q8_0 and q4_0 halve or quarter its memory.",
-                           choices=("f16", "q8_0", "q4_0", "f32"))
-    tensor_split: str = _opt("", "llama.cpp", "How to split the model across GPUs, e.g. 3,1.")
-    no_mmap: bool = _opt(False, "llama.cpp", "Read the whole file into memory instead of mapping it.")
-    mlock: bool = _opt(False, "llama.cpp", "Lock the model in RAM so the OS never swaps it out.")
-    no_context_shift: bool = _opt(False, "llama.cpp", "When a chat outgrows the context, process the kept turns again "
-                                  "instead of shifting them in the KV cache (slower, exactly a fresh read).")
-    parallel: int = _opt(1, "llama.cpp", "Requests served at once (llama.cpp and Transformers: they share the model, "
-                         "batched into one decode step); each has its own context, so the KV cache grows N times.", bounds=(1, 256))
-    # Transformers
-    dtype: str = _opt("auto", "Transformers", "Weight dtype; auto is bfloat16 on a GPU and float32 on a CPU.",
-                      choices=("auto", "float32", "float16", "bfloat16"))
-    cpu: bool = _opt(False, "Transformers", "Run on the CPU even when a GPU is present.")
-    load_in_8bit: bool = _opt(False, "Transformers", "Load weights in 8 bits with bitsandbytes (NVIDIA GPU only).")
-    load_in_4bit: bool = _opt(False, "Transformers", "Load weights in 4 bits with bitsandbytes (NVIDIA GPU only).")
-    trust_remote_code: bool = _opt(False, "Transformers", "Run Python code shipped with the model. Only for models "
-                                   "you trust (command line or CMD_FLAGS.txt only).", cli_only=True)
-    allow_pickle: bool = _opt(False, "Transformers", "Allow loading pickled .bin weights (with weights_only=True) "
-                              "when a model has no safetensors (command line or CMD_FLAGS.txt only).", cli_only=True)
-    # ExLlamaV2
-    gpu_split: str = _opt("", "ExLlamaV2", "VRAM in GB per GPU for the weights, comma-separated, e.g. 20,7.5; "
-                          "empty puts the model on the first GPU.")
-    autosplit: bool = _opt(False, "ExLlamaV2", "Fill the GPUs in turn with the weights and the cache; "
-                           "excludes gpu_split.")
-    max_seq_len: int = _opt(0, "ExLlamaV2", "Context length in tokens; 0 uses the model's own, capped at 8192.", bounds=(0, 4_194_304))
-    exl2_cache: str = _opt("fp16", "ExLlamaV2", "KV cache type: fp16, fp8, q8, q6 or q4 (q4 takes a quarter of "
-                           "fp16's memory).", choices=("fp16", "fp8", "q8", "q6", "q4"))
-    alpha_value: float = _opt(1.0, "ExLlamaV2", "NTK RoPE alpha: stretches the context without fine-tuning "
-                              "(about 2.5 for twice the context); 1 is off.", bounds=(0.01, 1000.0))
-    compress_pos_emb: float = _opt(0.0, "ExLlamaV2", "Linear RoPE scaling factor (context / trained context, for "
-                                   "models tuned for it); 0 keeps the model's.", bounds=(0.0, 1000.0))
-    no_flash_attn: bool = _opt(False, "ExLlamaV2", "Do not use flash attention even where it is available "
-                               "(ExLlamaV2, and llama.cpp, where it is on by default where supported).")
-    no_xformers: bool = _opt(False, "ExLlamaV2", "Do not use xformers even when it is installed.")
-    no_sdpa: bool = _opt(False, "ExLlamaV2", "Do not use PyTorch's scaled-dot-product attention.")
-    num_experts_per_token: int = _opt(0, "ExLlamaV2", "Experts per token for mixture-of-experts models; "
-                                      "0 uses the model's own.", bounds=(0, 1024))
-    enable_tp: bool = _opt(False, "ExLlamaV2", "Tensor parallelism: split every layer across all GPUs.")
-    # GPTQ
-    gptq_backend: str = _opt("auto", "GPTQ", "GPTQModel kernel for GPTQ models: auto picks one that runs here (torch on a "
-                             "CPU; Marlin, ExLlamaV2 or Triton on an NVIDIA GPU).",
-                             choices=("auto", "torch", "torch_int8", "triton", "exllama_v2", "marlin"))
-    gptq_max_seq_len: int = _opt(0, "GPTQ", "Context length of a GPTQ model in tokens; 0 uses the model's own.", bounds=(0, 4_194_304))
+    model: str | None = opt(None, "Model", "Model to load at start: a .gguf file or a folder name in the models folder.")
+    loader: str | None = opt(None, "Model", "Loader to use instead of the one inferred from the model's files "
+                             "(llama.cpp, transformers, exllamav2, gptq).")
+    models_dir: str = opt("models", "Model", "Folder that holds the models.")
+
+
+# The bases' order sets the fields' order (the last base's come first): flags keep their order
+# within each --help group, and no_flash_attn, which llama.cpp takes too, stays with ExLlamaV2's.
+@dataclass
+class Settings(GPTQOptions, TransformersOptions, LlamaCppOptions, ExLlamaV2Options, ModelChoice):
+    """Every flag of server.py: the model choice, every loader's options (declared once, in
+    modules/core/loader_options.py), then the server and the rest."""
+
     # Server
-    listen: bool = _opt(False, "Server", "Make the UI (and the API) reachable from your local network (binds "
-                        "0.0.0.0). Without --gradio-auth / --api-key they then answer requests addressed by IP only.",
-                        cli_only=True)
-    listen_host: str | None = _opt(None, "Server", "Host name or address to bind; overrides --listen.", cli_only=True)
-    allowed_hosts: str | None = _opt(None, "Server", "Host names the UI and API answer to besides localhost and "
-                                     "--listen-host, comma-separated (e.g. for a reverse proxy: chat.example.com, "
-                                     "*.example.com); '*' turns the Host check off.", cli_only=True)
-    listen_port: int = _opt(7860, "Server", "Port of the web UI.", bounds=(1, 65_535))
-    api: bool = _opt(False, "Server", "Serve the OpenAI-compatible API as well.")
-    api_port: int = _opt(5000, "Server", "Port of the API.", bounds=(1, 65_535))
-    api_key: str | None = _opt(None, "Server", "Require this key (Authorization: Bearer KEY) on API calls.",
-                               persist=False)
-    api_cors_origins: str | None = _opt(None, "Server", "Browser origins allowed to call the API (CORS), comma-separated, "
-                                        'e.g. "http://localhost:8000" or "*"; none by default.', cli_only=True)
-    api_max_body: int = _opt(8, "Server", "Largest API request body in MiB; bigger ones get 413.", bounds=(1, 1024))
-    max_queue: int = _opt(64, "Server", "Generation requests that may wait for a free slot; more get 429 "
-                          "(API) or an error (UI).", bounds=(0, 100_000))
-    gradio_auth: str | None = _opt(None, "Server", 'Password-protect the UI: "user:password", several separated by commas.',
-                                   persist=False)
+    listen: bool = opt(False, "Server", "Make the UI (and the API) reachable from your local network (binds "
+                       "0.0.0.0). Without --gradio-auth / --api-key they then answer requests addressed by IP only.",
+                       cli_only=True)
+    listen_host: str | None = opt(None, "Server", "Host name or address to bind; overrides --listen.", cli_only=True)
+    allowed_hosts: str | None = opt(None, "Server", "Host names the UI and API answer to besides localhost and "
+                                    "--listen-host, comma-separated (e.g. for a reverse proxy: chat.example.com, "
+                                    "*.example.com); '*' turns the Host check off.", cli_only=True)
+    listen_port: int = opt(7860, "Server", "Port of the web UI.", bounds=(1, 65_535))
+    api: bool = opt(False, "Server", "Serve the OpenAI-compatible API as well.")
+    api_port: int = opt(5000, "Server", "Port of the API.", bounds=(1, 65_535))
+    api_key: str | None = opt(None, "Server", "Require this key (Authorization: Bearer KEY) on API calls.",
+                              persist=False)
+    api_cors_origins: str | None = opt(None, "Server", "Browser origins allowed to call the API (CORS), comma-separated, "
+                                       'e.g. "http://localhost:8000" or "*"; none by default.', cli_only=True)
+    api_max_body: int = opt(8, "Server", "Largest API request body in MiB; bigger ones get 413.", bounds=(1, 1024))
+    max_queue: int = opt(64, "Server", "Generation requests that may wait for a free slot; more get 429 "
+                         "(API) or an error (UI).", bounds=(0, 100_000))
+    gradio_auth: str | None = opt(None, "Server", 'Password-protect the UI: "user:password", several separated by commas.',
+                                  persist=False)
     # Other
-    settings: str = _opt("settings.yaml", "Other", "Settings file to load (and to save from the UI).", persist=False)
-    extensions: list[str] = _opt([], "Other", "Extensions to load, by folder name in extensions/.", nargs="+")
-    extension_params: dict[str, dict[str, Any]] = _opt(
+    settings: str = opt("settings.yaml", "Other", "Settings file to load (and to save from the UI).", persist=False)
+    extensions: list[str] = opt([], "Other", "Extensions to load, by folder name in extensions/.", nargs="+")
+    extension_params: dict[str, dict[str, Any]] = opt(
         {}, "Other", "Saved extension settings: {extension: {param: value}} (settings.yaml only).", cli=False)
-    verbose: bool = _opt(False, "Other", "Log more, including the prompts sent to the model.")
-    theme: str = _opt("system", "Other", "Colour theme of the web UI: follow the browser (system), light or dark.",
-                      choices=("system", "light", "dark"))
-    presets_dir: str = _opt("presets", "Other", "Folder that holds the sampler presets (YAML).")
+    verbose: bool = opt(False, "Other", "Log more, including the prompts sent to the model.")
+    theme: str = opt("system", "Other", "Colour theme of the web UI: follow the browser (system), light or dark.",
+                     choices=("system", "light", "dark"))
+    presets_dir: str = opt("presets", "Other", "Folder that holds the sampler presets (YAML).")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -145,8 +99,8 @@ class Settings:
 
     def persisted(self) -> dict[str, Any]:
         """What Save settings writes: every field except secrets, the file's own path and the
-        exposure switches (those come from the command line only)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if _from_files(f)}
+        exposure switches (those come from the command line only), group by group."""
+        return {f.name: getattr(self, f.name) for f in _in_group_order() if _from_files(f)}
 
 
 CLI_ONLY = frozenset(f.name for f in dataclasses.fields(Settings) if f.metadata.get("cli_only"))
@@ -156,6 +110,11 @@ models/config-user.yaml, the Model tab or an API request."""
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 _MAX_TEXT_OPTION = 1024
 """Longest text option accepted from a file or a request (a tensor split, a GPU split)."""
+
+
+def _in_group_order() -> list[dataclasses.Field]:
+    """The Settings fields group by group (in GROUPS order), each group's in declaration order."""
+    return sorted(dataclasses.fields(Settings), key=lambda f: GROUPS.index(f.metadata["group"]))
 
 
 def _from_files(f: dataclasses.Field) -> bool:
@@ -232,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     defaults = Settings()
-    for f in dataclasses.fields(Settings):
+    for f in _in_group_order():  # the usage line lists the flags group by group too
         if not f.metadata.get("cli", True):
             continue  # a structured value: settings.yaml only
         group = groups[f.metadata["group"]]
