@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from modules.core.errors import InvalidRequestError
-from modules.core.sampling import SamplingParams
+from modules.core.sampling import PARAM_FIELDS, SamplingParams
 
 # --------------------------------------------------------------------------- input limits
 # Every cap on the size of a request, in one place. A request over one gets a 400 naming the
@@ -89,12 +89,29 @@ def _doc(low: float | None = None, high: float | None = None, *, low_open: bool 
     return Field(json_schema_extra=extra)
 
 
-Unit = Annotated[float, _doc(0, 1)]
-NonNegative = Annotated[float, _doc(0)]
-Penalty = Annotated[float, _doc(-2, 2)]
-NonNegInt = Annotated[int, Field(ge=-(2**31), le=2**31 - 1), _doc(0)]
-MaxTokens = Annotated[int, Field(ge=-(2**31), le=2**31 - 1), _doc(1)]
-Window = Annotated[int, Field(ge=-(2**31), le=MAX_TOKEN_WINDOW), _doc(0)]
+Window = Annotated[int, Field(ge=-(2**31), le=MAX_TOKEN_WINDOW)]
+
+
+def _sampler(name: str) -> Any:
+    """A request field for the SamplingParams field `name` (ours or a client's alias of it): None
+    by default, described by the field's help, its range and choices shown in the OpenAPI schema
+    (on the number in the type, as `_doc` does) and checked by SamplingParams (see the module doc)."""
+    meta = PARAM_FIELDS[name].metadata
+    low, high = meta.get("bounds", (None, None))
+    rules: dict[str, Any] = {}
+    if low is not None:
+        rules["exclusiveMinimum" if meta.get("low_open") else "minimum"] = low
+    if high is not None:
+        rules["maximum"] = high
+    if "choices" in meta:
+        rules["enum"] = list(meta["choices"])
+
+    def show_rules(schema: dict[str, Any]) -> None:
+        for arm in schema.get("anyOf", [schema]):
+            if arm.get("type") in ("number", "integer"):
+                arm.update(rules)
+
+    return Field(default=None, description=meta["help"], json_schema_extra=show_rules if rules else None)
 StopText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 ShortText = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 Grammar = Annotated[str, Field(max_length=MAX_GRAMMAR_CHARS)]
@@ -188,57 +205,58 @@ _STOP_FIELDS = ("stop", "stopping_strings", "stop_sequence")
 
 
 class SamplerFields(Body):
-    """Every sampler field of the contract, with the value types real clients send."""
+    """Every sampler field of the contract, with the value types real clients send; each field's
+    description and range come from SamplingParams (`_sampler`)."""
 
-    max_tokens: MaxTokens | None = None
-    max_completion_tokens: MaxTokens | None = None
-    max_new_tokens: MaxTokens | None = None
-    max_length: MaxTokens | None = None
-    temperature: NonNegative | None = None
-    top_k: NonNegInt | None = None
-    top_p: Unit | None = None
-    min_p: Unit | None = None
-    typical_p: Unit | None = None
-    typical: Unit | None = None
-    top_n_sigma: NonNegative | None = None
-    repetition_penalty: Annotated[float, _doc(0, low_open=True)] | None = None
-    rep_pen: Annotated[float, _doc(0, low_open=True)] | None = None
-    repetition_penalty_range: Window | None = None
-    rep_pen_range: Window | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    mirostat_mode: Annotated[Int32, _doc(enum=[0, 1, 2])] | None = None
-    mirostat: Annotated[Int32, _doc(enum=[0, 1, 2])] | None = None
-    mirostat_tau: NonNegative | None = None
-    mirostat_eta: NonNegative | None = None
-    dry_multiplier: NonNegative | None = None
-    dry_base: Annotated[float, _doc(1)] | None = None
-    dry_allowed_length: NonNegInt | None = None
-    dry_penalty_last_n: Window | None = None
+    max_tokens: Int32 | None = _sampler("max_new_tokens")
+    max_completion_tokens: Int32 | None = _sampler("max_new_tokens")
+    max_new_tokens: Int32 | None = _sampler("max_new_tokens")
+    max_length: Int32 | None = _sampler("max_new_tokens")
+    temperature: float | None = _sampler("temperature")
+    top_k: Int32 | None = _sampler("top_k")
+    top_p: float | None = _sampler("top_p")
+    min_p: float | None = _sampler("min_p")
+    typical_p: float | None = _sampler("typical_p")
+    typical: float | None = _sampler("typical_p")
+    top_n_sigma: float | None = _sampler("top_n_sigma")
+    repetition_penalty: float | None = _sampler("repetition_penalty")
+    rep_pen: float | None = _sampler("repetition_penalty")
+    repetition_penalty_range: Window | None = _sampler("repetition_penalty_range")
+    rep_pen_range: Window | None = _sampler("repetition_penalty_range")
+    presence_penalty: float | None = _sampler("presence_penalty")
+    frequency_penalty: float | None = _sampler("frequency_penalty")
+    mirostat_mode: Int32 | None = _sampler("mirostat_mode")
+    mirostat: Int32 | None = _sampler("mirostat_mode")
+    mirostat_tau: float | None = _sampler("mirostat_tau")
+    mirostat_eta: float | None = _sampler("mirostat_eta")
+    dry_multiplier: float | None = _sampler("dry_multiplier")
+    dry_base: float | None = _sampler("dry_base")
+    dry_allowed_length: Int32 | None = _sampler("dry_allowed_length")
+    dry_penalty_last_n: Window | None = _sampler("dry_penalty_last_n")
     dry_sequence_breakers: (Annotated[str, Field(max_length=MAX_LIST_ITEMS * MAX_STOP_CHARS)]
-                            | Annotated[list[StopText], capped(MAX_LIST_ITEMS)] | None) = None
-    xtc_threshold: Unit | None = None
-    xtc_probability: Unit | None = None
-    temperature_last: bool | None = None
+                            | Annotated[list[StopText], capped(MAX_LIST_ITEMS)] | None) = _sampler("dry_sequence_breakers")
+    xtc_threshold: float | None = _sampler("xtc_threshold")
+    xtc_probability: float | None = _sampler("xtc_probability")
+    temperature_last: bool | None = _sampler("temperature_last")
     sampler_priority: (Annotated[list[ShortText], capped(MAX_LIST_ITEMS)]
-                       | Annotated[str, Field(max_length=MAX_LIST_ITEMS * 32)] | None) = None
-    seed: Seed | None = None
-    sampler_seed: Seed | None = None
-    stop: StopText | StopList | None = None
-    stopping_strings: StopList | StopText | None = None
-    stop_sequence: StopList | StopText | None = None
-    ban_eos_token: bool | None = None
+                       | Annotated[str, Field(max_length=MAX_LIST_ITEMS * 32)] | None) = _sampler("sampler_priority")
+    seed: Seed | None = _sampler("seed")
+    sampler_seed: Seed | None = _sampler("seed")
+    stop: StopText | StopList | None = _sampler("stop")
+    stopping_strings: StopList | StopText | None = _sampler("stop")
+    stop_sequence: StopList | StopText | None = _sampler("stop")
+    ban_eos_token: bool | None = _sampler("ban_eos_token")
     custom_token_bans: (Annotated[str, Field(max_length=MAX_BANNED_TOKENS * 8, json_schema_extra={
                             "pattern": "^[0-9,; ]*$"})]
-                        | Annotated[list[TokenId], capped(MAX_BANNED_TOKENS)] | None) = None
+                        | Annotated[list[TokenId], capped(MAX_BANNED_TOKENS)] | None) = _sampler("custom_token_bans")
     logit_bias: Annotated[dict[str, float], Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={
-        "propertyNames": {"pattern": "^[0-9]+$"}})] | None = None
-    grammar_string: Grammar | None = None
-    grammar: Grammar | None = None
-    truncation_length: NonNegInt | None = None
-    max_context_length: NonNegInt | None = None
-    add_bos_token: bool | None = None
-    skip_special_tokens: bool | None = None
+        "propertyNames": {"pattern": "^[0-9]+$"}})] | None = _sampler("logit_bias")
+    grammar_string: Grammar | None = _sampler("grammar_string")
+    grammar: Grammar | None = _sampler("grammar_string")
+    truncation_length: Int32 | None = _sampler("truncation_length")
+    max_context_length: Int32 | None = _sampler("truncation_length")
+    add_bos_token: bool | None = _sampler("add_bos_token")
+    skip_special_tokens: bool | None = _sampler("skip_special_tokens")
 
     @field_validator("custom_token_bans")
     @classmethod

@@ -37,80 +37,75 @@ SAMPLER_NAMES: tuple[str, ...] = (
 DEFAULT_SAMPLER_PRIORITY: tuple[str, ...] = SAMPLER_NAMES
 
 
-def _default_dry_breakers() -> list[str]:
-    return ["\n", ":", '"', "*"]
+def _param(default: Any, help: str, **rules: Any) -> Any:
+    """A SamplingParams field with its help and rules, in the metadata every reader takes them from:
+    validation (`_validate`), the Parameters tab's controls, the API schema and the preset docs.
+
+    Rules: bounds=(low, high) with None for an open end (low_open: the low end excluded),
+    choices=(...), and slider=(low, high, step), the part of the range the Parameters tab's
+    slider offers (within the bounds; a preset or a request may go beyond it).
+    """
+    meta = {"help": help, **rules}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class SamplingParams:
     """Everything that shapes one generation besides the prompt."""
 
-    max_new_tokens: int = 512
-    """Most tokens to generate."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy decoding."""
-    top_k: int = 0
-    """Keep the k most likely tokens; 0 turns it off."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set whose probability reaches top_p; 1 is off."""
-    min_p: float = 0.0
-    """Drop tokens less likely than min_p times the most likely one; 0 is off."""
-    typical_p: float = 1.0
-    """Locally typical sampling mass; 1 is off."""
-    top_n_sigma: float = 0.0
-    """Keep logits within n standard deviations of the maximum; 0 is off."""
-    repetition_penalty: float = 1.0
-    """Divide the logits of tokens already present (CTRL-style); 1 is off."""
-    repetition_penalty_range: int = 1024
-    """How many of the last tokens the three penalties look at; 0 means the whole context."""
-    presence_penalty: float = 0.0
-    """Subtract this from the logit of every token already present."""
-    frequency_penalty: float = 0.0
-    """Subtract this times the count of each token already present."""
-    mirostat_mode: int = 0
-    """0 off, 1 Mirostat, 2 Mirostat 2.0 (replaces the truncation samplers)."""
-    mirostat_tau: float = 5.0
-    """Mirostat target surprise."""
-    mirostat_eta: float = 0.1
-    """Mirostat learning rate."""
-    dry_multiplier: float = 0.0
-    """DRY repetition penalty strength; 0 is off."""
-    dry_base: float = 1.75
-    """DRY exponential base."""
-    dry_allowed_length: int = 2
-    """Longest repeated sequence DRY lets pass unpenalised."""
-    dry_penalty_last_n: int = 0
-    """How many last tokens DRY scans; 0 means the whole context."""
-    dry_sequence_breakers: list[str] = field(default_factory=_default_dry_breakers)
-    """Strings that break a repeated sequence for DRY."""
-    xtc_threshold: float = 0.1
-    """XTC: tokens above this probability are candidates for exclusion."""
-    xtc_probability: float = 0.0
-    """XTC: chance per step of excluding the top choices; 0 is off."""
-    temperature_last: bool = False
-    """Apply temperature after the truncation samplers instead of before them."""
-    sampler_priority: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLER_PRIORITY))
-    """Order in which the samplers run; unknown names are ignored."""
-    seed: int | None = None
-    """Random seed; None (or -1) draws a fresh one."""
-    stop: list[str] = field(default_factory=list)
-    """Strings that end the generation; they never appear in the output."""
-    ban_eos_token: bool = False
-    """Never end on the end-of-sequence token."""
-    custom_token_bans: list[int] = field(default_factory=list)
-    """Token ids that may never be generated."""
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    """Added to the logits of the given token ids."""
-    grammar_string: str = ""
-    """A GBNF grammar the output must follow (loaders that support it)."""
-    truncation_length: int = 0
-    """Prompt + reply budget in tokens; 0 means the model's context length."""
-    add_bos_token: bool = True
-    """Prepend the beginning-of-sequence token when the prompt does not start with it."""
-    skip_special_tokens: bool = True
-    """Leave special tokens out of the returned text."""
-    logprobs: int = 0
-    """Report the log-probability of each generated token and of its top N alternatives; 0 is off."""
+    max_new_tokens: int = _param(512, "Most tokens to generate.", bounds=(1, None), slider=(1, 8192, 1))
+    temperature: float = _param(1.0, "Softmax temperature; 0 means greedy decoding.",
+                                bounds=(0.0, None), slider=(0, 5, 0.01))
+    top_k: int = _param(0, "Keep the k most likely tokens; 0 turns it off.", bounds=(0, None), slider=(0, 200, 1))
+    top_p: float = _param(1.0, "Nucleus sampling: keep the smallest set whose probability reaches top_p; 1 is off.",
+                          bounds=(0.0, 1.0), slider=(0.0, 1.0, 0.01))
+    min_p: float = _param(0.0, "Drop tokens less likely than min_p times the most likely one; 0 is off.",
+                          bounds=(0.0, 1.0), slider=(0.0, 1.0, 0.01))
+    typical_p: float = _param(1.0, "Locally typical sampling mass; 1 is off.", bounds=(0.0, 1.0), slider=(0.0, 1.0, 0.01))
+    top_n_sigma: float = _param(0.0, "Keep logits within n standard deviations of the maximum; 0 is off.",
+                                bounds=(0.0, None), slider=(0, 5, 0.01))
+    repetition_penalty: float = _param(1.0, "Divide the logits of tokens already present (CTRL-style); 1 is off.",
+                                       bounds=(0.0, None), low_open=True, slider=(1, 2, 0.01))
+    repetition_penalty_range: int = _param(
+        1024, "How many of the last tokens the three penalties look at; 0 means the whole context.",
+        bounds=(0, None), slider=(0, 16384, 1))
+    presence_penalty: float = _param(0.0, "Subtract this from the logit of every token already present.",
+                                     bounds=(-2.0, 2.0), slider=(-2, 2, 0.05))
+    frequency_penalty: float = _param(0.0, "Subtract this times the count of each token already present.",
+                                      bounds=(-2.0, 2.0), slider=(-2, 2, 0.05))
+    mirostat_mode: int = _param(0, "0 off, 1 Mirostat, 2 Mirostat 2.0 (replaces the truncation samplers).",
+                                choices=(0, 1, 2))
+    mirostat_tau: float = _param(5.0, "Mirostat target surprise.", bounds=(0.0, None), slider=(0, 10, 0.01))
+    mirostat_eta: float = _param(0.1, "Mirostat learning rate.", bounds=(0.0, None), slider=(0.0, 1.0, 0.01))
+    dry_multiplier: float = _param(0.0, "DRY repetition penalty strength; 0 is off.",
+                                   bounds=(0.0, None), slider=(0, 5, 0.01))
+    dry_base: float = _param(1.75, "DRY exponential base.", bounds=(1.0, None), slider=(1, 4, 0.01))
+    dry_allowed_length: int = _param(2, "Longest repeated sequence DRY lets pass unpenalised.",
+                                     bounds=(0, None), slider=(0, 20, 1))
+    dry_penalty_last_n: int = _param(0, "How many last tokens DRY scans; 0 means the whole context.",
+                                     bounds=(0, None), slider=(0, 16384, 1))
+    dry_sequence_breakers: list[str] = _param(["\n", ":", '"', "*"], "Strings that break a repeated sequence for DRY.")
+    xtc_threshold: float = _param(0.1, "XTC: tokens above this probability are candidates for exclusion.",
+                                  bounds=(0.0, 1.0), slider=(0, 0.5, 0.01))
+    xtc_probability: float = _param(0.0, "XTC: chance per step of excluding the top choices; 0 is off.",
+                                    bounds=(0.0, 1.0), slider=(0.0, 1.0, 0.01))
+    temperature_last: bool = _param(False, "Apply temperature after the truncation samplers instead of before them.")
+    sampler_priority: list[str] = _param(list(DEFAULT_SAMPLER_PRIORITY),
+                                         "Order in which the samplers run; unknown names are ignored.")
+    seed: int | None = _param(None, "Random seed; None (or -1) draws a fresh one.")
+    stop: list[str] = _param([], "Strings that end the generation; they never appear in the output.")
+    ban_eos_token: bool = _param(False, "Never end on the end-of-sequence token.")
+    custom_token_bans: list[int] = _param([], "Token ids that may never be generated.")
+    logit_bias: dict[int, float] = _param({}, "Added to the logits of the given token ids.")
+    grammar_string: str = _param("", "A GBNF grammar the output must follow (loaders that support it).")
+    truncation_length: int = _param(0, "Prompt + reply budget in tokens; 0 means the model's context length.",
+                                    bounds=(0, None))
+    add_bos_token: bool = _param(True, "Prepend the beginning-of-sequence token when the prompt does not start with it.")
+    skip_special_tokens: bool = _param(True, "Leave special tokens out of the returned text.")
+    logprobs: int = _param(0, "Report the log-probability of each generated token and of its top N alternatives; "
+                           "0 is off.", bounds=(0, 1000))
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -134,31 +129,15 @@ class SamplingParams:
         self.grammar_string = self.grammar_string or ""
 
     def _validate(self) -> None:
-        _check_range(self, "max_new_tokens", 1, None)
-        _check_range(self, "temperature", 0.0, None)
-        _check_range(self, "top_k", 0, None)
-        _check_range(self, "top_p", 0.0, 1.0)
-        _check_range(self, "min_p", 0.0, 1.0)
-        _check_range(self, "typical_p", 0.0, 1.0)
-        _check_range(self, "top_n_sigma", 0.0, None)
-        _check_range(self, "repetition_penalty", 0.0, None, low_open=True)
-        _check_range(self, "repetition_penalty_range", 0, None)
-        _check_range(self, "presence_penalty", -2.0, 2.0)
-        _check_range(self, "frequency_penalty", -2.0, 2.0)
-        _check_range(self, "mirostat_tau", 0.0, None)
-        _check_range(self, "mirostat_eta", 0.0, None)
-        _check_range(self, "dry_multiplier", 0.0, None)
-        _check_range(self, "dry_base", 1.0, None)
-        _check_range(self, "dry_allowed_length", 0, None)
-        _check_range(self, "dry_penalty_last_n", 0, None)
-        _check_range(self, "xtc_threshold", 0.0, 1.0)
-        _check_range(self, "xtc_probability", 0.0, 1.0)
-        _check_range(self, "truncation_length", 0, None)
-        _check_range(self, "logprobs", 0, 1000)
-        if self.mirostat_mode not in (0, 1, 2):
-            raise InvalidRequestError(
-                f"mirostat_mode must be 0, 1 or 2, got {self.mirostat_mode!r}", "mirostat_mode"
-            )
+        # Every range first, then every choice: one order, whichever fields are bad.
+        for f in _BOUNDED:
+            low, high = f.metadata["bounds"]
+            _check_range(self, f.name, low, high, low_open=f.metadata.get("low_open", False))
+        for f in _CHOICES:
+            choices, value = f.metadata["choices"], getattr(self, f.name)
+            if value not in choices:
+                allowed = ", ".join(str(c) for c in choices[:-1]) + f" or {choices[-1]}"
+                raise InvalidRequestError(f"{f.name} must be {allowed}, got {value!r}", f.name)
         for tid in self.custom_token_bans:
             if tid < 0:
                 raise InvalidRequestError(f"custom_token_bans holds a negative id {tid}", "custom_token_bans")
@@ -205,6 +184,12 @@ class SamplingParams:
         """Lay the known keys of `values` over `base` (or the defaults); unknown keys are ignored."""
         known = {k: v for k, v in values.items() if k in cls.field_names()}
         return dataclasses.replace(base or cls(), **known)
+
+
+PARAM_FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(SamplingParams)}
+"""Each field by name: its metadata holds the help and the rules (see `_param`)."""
+_BOUNDED = tuple(f for f in PARAM_FIELDS.values() if "bounds" in f.metadata)
+_CHOICES = tuple(f for f in PARAM_FIELDS.values() if "choices" in f.metadata)
 
 
 def _check_range(

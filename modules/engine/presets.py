@@ -8,12 +8,8 @@ differ from the defaults, atomically. Every name goes through `safe_join`.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
-import inspect
 import logging
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +18,7 @@ import yaml
 from modules.core.errors import InvalidRequestError, NotFoundError
 from modules.core.paths import atomic_write_text, check_name, safe_join
 from modules.core.safe_yaml import load_yaml_file
-from modules.core.sampling import SamplingParams
+from modules.core.sampling import PARAM_FIELDS, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +144,9 @@ def check_preset_name(name: object) -> str:
     return check_name(name.strip() if isinstance(name, str) else name, "preset name")
 
 
-@functools.lru_cache(maxsize=1)
 def parameter_docs() -> dict[str, str]:
-    """Each SamplingParams field's docstring (the string under it in the class body), by name.
+    """Each SamplingParams field's help (its metadata, written once next to the field), by name.
 
-    The UI shows these as tooltips, so the help text is written once, next to the field.
+    The UI shows these as tooltips.
     """
-    tree = ast.parse(textwrap.dedent(inspect.getsource(SamplingParams)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, after in zip(body, body[1:], strict=False):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)):
-            docs[node.target.id] = after.value.value
-    return docs
+    return {name: f.metadata["help"] for name, f in PARAM_FIELDS.items()}

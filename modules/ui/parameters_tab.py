@@ -2,8 +2,8 @@
 
 Each control writes the browser session's `params` gr.State (a dict of SamplingParams
 fields) as soon as the user changes it, so Chat, Default and Notebook generate with it.
-Controls are built from one table of ranges; their tooltips are the SamplingParams field
-docstrings. Presets live in `settings.presets_dir` through modules/presets.PresetStore.
+Each control is built from its SamplingParams field's metadata: the slider range and step,
+the choices, the help as its tooltip. Presets live in `settings.presets_dir` through modules/presets.PresetStore.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import gradio as gr
 
 from modules.core.errors import InvalidRequestError, WorkbenchError
-from modules.core.sampling import SAMPLER_NAMES, parse_stop_strings
+from modules.core.sampling import PARAM_FIELDS, SAMPLER_NAMES, parse_stop_strings
 from modules.core.settings import resolve_path
 from modules.engine.app import App
 from modules.engine.presets import PresetStore, apply_preset, check_preset_name, parameter_docs, validate
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Spec:
-    """How one SamplingParams field is shown: a slider (low, high, step), number, box, text."""
+    """How one SamplingParams field is shown: a slider (low, high, step), number, box, radio, text."""
 
     kind: str
     low: float = 0.0
@@ -37,25 +37,36 @@ class Spec:
     lines: int = 1
 
 
-S = Spec  # the table below reads better short
-GENERATION: dict[str, Spec] = {
-    "max_new_tokens": S("slider", 1, 8192, 1), "truncation_length": S("number"), "seed": S("number"),
-    "stop": S("text"), "custom_token_bans": S("text"), "logit_bias": S("text"),
-    "ban_eos_token": S("check"), "add_bos_token": S("check"), "skip_special_tokens": S("check"),
-}
-SAMPLERS: dict[str, Spec] = {
-    "temperature": S("slider", 0, 5), "top_k": S("slider", 0, 200, 1), "top_p": S("slider"),
-    "min_p": S("slider"), "typical_p": S("slider"), "top_n_sigma": S("slider", 0, 5),
-    "repetition_penalty": S("slider", 1, 2), "repetition_penalty_range": S("slider", 0, 16384, 1),
-    "presence_penalty": S("slider", -2, 2, 0.05), "frequency_penalty": S("slider", -2, 2, 0.05),
-    "dry_multiplier": S("slider", 0, 5), "dry_base": S("slider", 1, 4), "dry_allowed_length": S("slider", 0, 20, 1),
-    "dry_penalty_last_n": S("slider", 0, 16384, 1), "dry_sequence_breakers": S("text"),
-    "xtc_threshold": S("slider", 0, 0.5), "xtc_probability": S("slider"),
-    "mirostat_mode": S("radio"), "mirostat_tau": S("slider", 0, 10), "mirostat_eta": S("slider"),
-    "temperature_last": S("check"),
-}
-ORDER: dict[str, Spec] = {"sampler_priority": S("text", lines=len(SAMPLER_NAMES)), "grammar_string": S("text", lines=6)}
-SPECS: dict[str, Spec] = {**GENERATION, **SAMPLERS, **ORDER}
+#: The controls in the order they are laid out; how each is shown comes from its field (`_spec`).
+GENERATION: tuple[str, ...] = ("max_new_tokens", "truncation_length", "seed", "stop", "custom_token_bans",
+                               "logit_bias", "ban_eos_token", "add_bos_token", "skip_special_tokens")
+SAMPLERS: tuple[str, ...] = (
+    "temperature", "top_k", "top_p", "min_p", "typical_p", "top_n_sigma", "repetition_penalty",
+    "repetition_penalty_range", "presence_penalty", "frequency_penalty", "dry_multiplier", "dry_base",
+    "dry_allowed_length", "dry_penalty_last_n", "dry_sequence_breakers", "xtc_threshold", "xtc_probability",
+    "mirostat_mode", "mirostat_tau", "mirostat_eta", "temperature_last",
+)
+ORDER: tuple[str, ...] = ("sampler_priority", "grammar_string")
+_TEXT_LINES = {"sampler_priority": len(SAMPLER_NAMES), "grammar_string": 6}
+
+
+def _spec(name: str) -> Spec:
+    """The control for a field: a slider over its `slider` range, a radio of its choices, a check box
+    for a bool, a number box for a whole number without a slider, text for the rest."""
+    f = PARAM_FIELDS[name]
+    if "slider" in f.metadata:
+        low, high, step = f.metadata["slider"]
+        return Spec("slider", low, high, step)
+    if "choices" in f.metadata:
+        return Spec("radio")
+    if f.type == "bool":
+        return Spec("check")
+    if f.type in ("int", "int | None"):
+        return Spec("number")
+    return Spec("text", lines=_TEXT_LINES.get(name, 1))
+
+
+SPECS: dict[str, Spec] = {name: _spec(name) for name in GENERATION + SAMPLERS + ORDER}
 _HINTS = {
     "truncation_length": " 0 = the loaded model's context length.",
     "seed": " -1 = random.",
@@ -141,20 +152,20 @@ def _build_controls(values: dict[str, Any]) -> dict[str, Any]:
     with gr.Accordion("Samplers", open=True):
         _grid(SAMPLERS, values, comps, per_row=4)
     with gr.Accordion("Sampler order and grammar", open=False), gr.Row():
-        for name, spec in ORDER.items():
-            comps[name] = _component(name, spec, values[name])
+        for name in ORDER:
+            comps[name] = _component(name, values[name])
     return comps
 
 
-def _grid(specs: dict[str, Spec], values: dict[str, Any], comps: dict[str, Any], per_row: int) -> None:
-    items = list(specs.items())
-    for start in range(0, len(items), per_row):
+def _grid(names: tuple[str, ...], values: dict[str, Any], comps: dict[str, Any], per_row: int) -> None:
+    for start in range(0, len(names), per_row):
         with gr.Row():
-            for name, spec in items[start : start + per_row]:
-                comps[name] = _component(name, spec, values[name])
+            for name in names[start : start + per_row]:
+                comps[name] = _component(name, values[name])
 
 
-def _component(name: str, spec: Spec, value: Any) -> Any:
+def _component(name: str, value: Any) -> Any:
+    spec = SPECS[name]
     info = parameter_docs().get(name, "") + _HINTS.get(name, "")
     shown, elem_id = to_display(name, value), f"param-{name}"
     if spec.kind == "slider":
@@ -165,7 +176,7 @@ def _component(name: str, spec: Spec, value: Any) -> Any:
     if spec.kind == "check":
         return gr.Checkbox(value=shown, label=name, info=info, elem_id=elem_id)
     if spec.kind == "radio":
-        return gr.Radio([0, 1, 2], value=shown, label=name, info=info, elem_id=elem_id)
+        return gr.Radio(list(PARAM_FIELDS[name].metadata["choices"]), value=shown, label=name, info=info, elem_id=elem_id)
     return gr.Textbox(value=shown, label=name, info=info, lines=spec.lines, max_lines=max(spec.lines, 20),
                       elem_id=elem_id)
 
