@@ -3,7 +3,8 @@
 Every request model allows extra keys (SillyTavern sends ~70, most not ours) and types the
 known ones with the shapes real clients send (see ../shared/docs/CLIENT_CONTRACTS.md).
 Range rules live in SamplingParams, which names the bad field; the schema only documents
-the same ranges (so the OpenAPI page and API fuzzers know them; a test keeps both in step)
+the same ranges, with each field's help, taken from SamplingParams' metadata by `_sampler`
+(so the OpenAPI page and API fuzzers know them)
 and enforces two kinds of bound itself: integers that would overflow a C int in a loader,
 and the input limits below, which keep one request from costing unbounded time or memory.
 Request models own `to_sampling_params(defaults)`, which lays the fields the client set
