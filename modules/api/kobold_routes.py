@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from modules.api.responses import (
     GenerationSettings,
@@ -91,7 +91,7 @@ async def generate(body: KoboldGenerateRequest, request: Request) -> KoboldGener
     return KoboldGenerateResponse(results=[generation])
 
 
-@router.post("/api/extra/generate/stream", response_model=None,
+@router.post("/api/extra/generate/stream", response_model=None, response_class=StreamingResponse,
              responses={**sse_responses(KoboldStreamToken, "Server-Sent Events: `event: message` then "
                                         "`data: {token}` each (an ErrorResponse if the generation fails midway)"),
                         **_GENERATION_ERRORS})

@@ -46,7 +46,7 @@ def log_unknown_fields(route: str, arguments: Iterable[Any]) -> None:
         return
     keys = [key for value in arguments if isinstance(value, BaseModel) for key in unknown_fields(value)]
     if keys:
-        log.debug("%s: unknown fields, not used: %s", route, ", ".join(keys))
+        log.debug("%s: unknown fields: %s", route, ", ".join(keys))
 
 
 def logging_unknown_fields(endpoint: Callable[..., Any], route: str) -> Callable[..., Any]:
