@@ -93,7 +93,8 @@ async def generate(body: KoboldGenerateRequest, request: Request) -> KoboldGener
 
 @router.post("/api/extra/generate/stream", response_model=None, response_class=StreamingResponse,
              responses={**sse_responses(KoboldStreamToken, "Server-Sent Events: `event: message` then "
-                                        "`data: {token}` each (an ErrorResponse if the generation fails midway)"),
+                                        "`data: {token}` each (an ErrorResponse if the generation fails midway)",
+                                        done=False, event="message"),
                         **_GENERATION_ERRORS})
 async def generate_stream(body: KoboldGenerateRequest, request: Request) -> Response:
     run = _start(request, body)

@@ -337,15 +337,27 @@ class LlamaCppProps(Wire):
 
 
 # --------------------------------------------------------------------------- OpenAPI for SSE routes
-def sse_responses(chunk: type[BaseModel], description: str) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route that answers SSE: each event's `data:` line is one `chunk` as
-    JSON (the last may be an ErrorResponse), then `data: [DONE]` where the dialect has one.
+def sse_responses(chunk: type[BaseModel], description: str, *, done: bool = True,
+                  event: str | None = None) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route that answers Server-Sent Events.
 
-    The schema is inlined: FastAPI puts only the models a route returns or names for a status
-    in #/components, and a text/event-stream body is neither.
+    Before OpenAPI 3.2 (and without `itemSchema`), a text/event-stream `schema` describes one
+    event, as schemathesis reads it: an object whose `data` is a string holding one `chunk` as
+    JSON (or an ErrorResponse, when the generation fails midway), or "[DONE]" at the end when
+    `done`; `event` names the event type the dialect sends (KoboldCpp: "message").
+    The chunk is inlined: FastAPI puts in #/components only the models a route returns or
+    names for a status, and a text/event-stream body is neither.
     """
-    return {200: {"description": description,
-                  "content": {"text/event-stream": {"schema": inline_schema(chunk)}}}}
+    payload: dict[str, Any] = {"type": "string", "contentMediaType": "application/json",
+                               "contentSchema": {"anyOf": [inline_schema(chunk),
+                                                           {"$ref": "#/components/schemas/ErrorResponse"}]}}
+    data = {"anyOf": [payload, {"const": "[DONE]"}]} if done else payload
+    properties: dict[str, Any] = {"data": data}
+    if event is not None:
+        properties["event"] = {"const": event}
+    item = {"title": f"{chunk.__name__} event", "type": "object", "required": list(properties),
+            "properties": properties}
+    return {200: {"description": description, "content": {"text/event-stream": {"schema": item}}}}
 
 
 def inline_schema(model: type[BaseModel]) -> dict[str, Any]:

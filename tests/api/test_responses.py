@@ -78,7 +78,12 @@ def json_schema(doc: dict[str, Any], method: str, path: str, status: str = "200"
 
 
 def sse_schema(doc: dict[str, Any], method: str, path: str) -> dict[str, Any]:
-    return doc["paths"][path][method]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    """The schema of one SSE event's JSON `data` (its contentSchema: the chunk or an ErrorResponse)."""
+    event = doc["paths"][path][method]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    data = event["properties"]["data"]
+    payload = next(d for d in data.get("anyOf", [data]) if "contentSchema" in d)
+    assert payload["type"] == "string" and payload["contentMediaType"] == "application/json"
+    return payload["contentSchema"]
 
 
 # --------------------------------------------------------------------------- the document
@@ -99,11 +104,15 @@ def test_every_route_names_its_response_model(doc):
     for (method, path), name in JSON_MODELS.items():
         assert json_schema(doc, method, path) == {"$ref": f"#/components/schemas/{name}"}, (method, path)
     for (method, path), name in SSE_MODELS.items():
-        assert sse_schema(doc, method, path)["title"] == name, (method, path)
-        assert "$ref" not in str(sse_schema(doc, method, path)), "inlined: the chunk models are not in #/components"
+        chunk, error = sse_schema(doc, method, path)["anyOf"]
+        assert chunk["title"] == name and "$ref" not in str(chunk), "inlined: chunk models are not in #/components"
+        assert error == {"$ref": "#/components/schemas/ErrorResponse"}
     # The Kobold stream answers only SSE; the OpenAI ones JSON or SSE (by `stream`).
     kobold_stream = doc["paths"]["/api/extra/generate/stream"]["post"]["responses"]["200"]["content"]
     assert set(kobold_stream) == {"text/event-stream"}
+    assert kobold_stream["text/event-stream"]["schema"]["properties"]["event"] == {"const": "message"}
+    openai_data = doc["paths"]["/v1/completions"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    assert {"const": "[DONE]"} in openai_data["schema"]["properties"]["data"]["anyOf"]
 
 
 def test_errors_are_documented_in_their_one_shape_and_no_422(doc):
