@@ -9,7 +9,8 @@ has); the first test checks it is the one the server serves at /openapi.json.
 schemathesis draws bodies and path values from that schema: every field at its bounds and
 just past them (its coverage phase), then random valid and invalid ones (wrong types,
 out-of-range numbers, missing fields). Each must get an answer below 500 with the connection
-intact: a transport error fails the case, and so does a traceback, an ERROR line or
+intact, with a status, content type and body the schema documents for it (every SSE event
+too): a transport error fails the case, and so does a traceback, an ERROR line or
 "Exception in ASGI application" (what uvicorn writes when it drops a connection) in the
 server's log.
 
@@ -146,14 +147,21 @@ def _shorten(case: Any) -> None:
 
 @schema.parametrize()
 def test_no_input_gets_a_5xx_or_drops_the_connection(case: Any, fuzz_api: FuzzedServer) -> None:
-    from schemathesis.checks import not_a_server_error
+    from schemathesis.checks import (
+        content_type_conformance,
+        not_a_server_error,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
     _shorten(case)
     fuzz_api.calls += 1
     start = time.monotonic()
     try:
         response = case.call_and_validate(base_url=fuzz_api.base, session=fuzz_api.session, headers=AUTH,
-                                          checks=[not_a_server_error], timeout=60)
+                                          checks=[not_a_server_error, status_code_conformance,
+                                                  content_type_conformance, response_schema_conformance],
+                                          timeout=60)
         fuzz_api.statuses.setdefault(case.operation.label, Counter())[response.status_code] += 1
     finally:
         fuzz_api.per_operation.setdefault(case.operation.label, []).append(time.monotonic() - start)
