@@ -8,8 +8,6 @@ its threadpool and a slow tokenizer never blocks the event loop.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -95,9 +93,9 @@ def logits(body: LogitsRequest, request: Request) -> LogitsResponse:
 
 
 @router.post("/chat-prompt", response_model=ChatPromptResponse, responses=error_responses(404, 413, 415))
-def chat_prompt_route(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+def chat_prompt_route(body: ChatCompletionRequest, request: Request) -> ChatPromptResponse:
     """The prompt /v1/chat/completions would send to the model for this request (the same call)."""
-    return {"prompt": chat_prompt(get_state(request), body).prompt.text}
+    return ChatPromptResponse(prompt=chat_prompt(get_state(request), body).prompt.text)
 
 
 @router.post("/stop-generation", response_model=StopGenerationResponse)
