@@ -19,7 +19,6 @@ import copy
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from pathlib import Path
 from modules.chat import chat_formats
 from modules.chat.types import RECREATED, SAVED_AS_COPY, USER, Chat, SaveNotice
 from modules.core.errors import ChatNotFoundError, InvalidRequestError, UnsafePathError
-from modules.core.paths import atomic_write_text, check_name, fsync_dir, safe_join
+from modules.core.paths import atomic_write_bytes, atomic_write_text, check_name, fsync_dir, safe_join
 
 log = logging.getLogger(__name__)
 
@@ -462,27 +461,12 @@ def _replace_unless_changed(path: Path, text: str, revision: int) -> bool:
     """Replace `path` by `text` atomically if the file's revision is still `revision`;
     False, with nothing written, if another writer changed it.
 
-    modules.core.paths.atomic_write_text with one more step: after the temp file is written and
-    fsynced, just before the rename, the file's revision is read again, so a save by another
-    process during our write is noticed. What remains is the instant between that read and
-    the rename; within one process the store's lock closes it. Same temp-file names as
-    atomic_write_text, so the stale sweep knows them.
+    atomic_write_bytes with one more step: after the temp file is written and fsynced, just
+    before the rename, the file's revision is read again, so a save by another process during
+    our write is noticed. What remains is the instant between that read and the rename; within
+    one process the store's lock closes it.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        if _disk_revision(path) != revision:
-            Path(tmp).unlink()
-            return False
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return True
+    return atomic_write_bytes(path, text.encode("utf-8"), lambda: _disk_revision(path) == revision)
 
 
 def _preview(chat: Chat, limit: int = 60) -> str:

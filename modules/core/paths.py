@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from modules.core.errors import UnsafePathError
@@ -97,8 +98,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder, fsync, then rename over it."""
+def atomic_write_bytes(path: Path, data: bytes, still_wanted: Callable[[], bool] | None = None) -> bool:
+    """Write `data` to `path` via a temp file in the same folder, fsync, then rename over it.
+
+    `still_wanted`, when given, is asked after the temp file is on disk and just before the
+    rename (a writer checking that nobody changed the file meanwhile); False drops the temp
+    file, leaves `path` as it was and returns False. Returns True when written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -106,11 +112,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if still_wanted is not None and not still_wanted():
+            Path(tmp).unlink()
+            return False
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+    return True
 
 
 def fsync_dir(folder: Path) -> None:
