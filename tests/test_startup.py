@@ -113,9 +113,13 @@ def probe():
         print('NEVER READY', flush=True)
         os._exit(1)
     meta = sys.modules['gradio.component_meta']
-    print('STUBS', meta.create_or_modify_pyi.__name__)
-    print('LOADED', sorted(m for m in {watch!r} if m in sys.modules))
-    print('EXTENSIONS', [m for m in sys.modules if m.startswith('workbench_extensions')], flush=True)
+    # One write per line: Gradio's launch() prints from the main thread meanwhile, and print()'s
+    # separate writes of each argument would interleave with it.
+    lines = ['STUBS ' + meta.create_or_modify_pyi.__name__,
+             'LOADED ' + repr(sorted(m for m in {watch!r} if m in sys.modules)),
+             'EXTENSIONS ' + repr([m for m in sys.modules if m.startswith('workbench_extensions')])]
+    sys.stdout.write('\\n' + '\\n'.join(lines) + '\\n')
+    sys.stdout.flush()
     os._exit(0)
 
 threading.Thread(target=probe, daemon=True).start()
