@@ -100,6 +100,9 @@ class SamplingParams:
     custom_token_bans: list[int] = _param([], "Token ids that may never be generated.")
     logit_bias: dict[int, float] = _param({}, "Added to the logits of the given token ids.")
     grammar_string: str = _param("", "A GBNF grammar the output must follow (loaders that support it).")
+    grammar_triggers: list[str] = _param(
+        [], "Regexes that switch grammar_string on (a lazy grammar): the output is free until one matches, and "
+        "the grammar applies from the match's first group (or the match) on; empty: from the first token.")
     truncation_length: int = _param(0, "Prompt + reply budget in tokens; 0 means the model's context length.",
                                     bounds=(0, None))
     add_bos_token: bool = _param(True, "Prepend the beginning-of-sequence token when the prompt does not start with it.")
@@ -127,6 +130,7 @@ class SamplingParams:
             self.sampler_priority = [s.strip() for s in self.sampler_priority.replace(",", "\n").splitlines()]
         self.sampler_priority = [s for s in self.sampler_priority if s in SAMPLER_NAMES]
         self.grammar_string = self.grammar_string or ""
+        self.grammar_triggers = [t for t in (self.grammar_triggers or []) if isinstance(t, str) and t]
 
     def _validate(self) -> None:
         # Every range first, then every choice: one order, whichever fields are bad.

@@ -28,7 +28,7 @@ SUFFIX = ".yaml"
 #: save them, and applying a preset keeps the session's values unless the preset names them.
 SESSION_FIELDS: frozenset[str] = frozenset({
     "max_new_tokens", "truncation_length", "seed", "stop", "ban_eos_token", "custom_token_bans",
-    "logit_bias", "grammar_string", "add_bos_token", "skip_special_tokens", "logprobs",
+    "logit_bias", "grammar_string", "grammar_triggers", "add_bos_token", "skip_special_tokens", "logprobs",
 })
 
 #: Fields a preset saves: the samplers and their order.
