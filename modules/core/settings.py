@@ -37,7 +37,8 @@ GROUPS = ("Model", "llama.cpp", "Transformers", "ExLlamaV2", "GPTQ", "Server", "
 class ModelChoice:
     """Which model to load at start, and with which loader (the Model flag group)."""
 
-    model: str | None = opt(None, "Model", "Model to load at start: a .gguf file or a folder name in the models folder.")
+    model: str | None = opt(None, "Model", "Model to load at start: a name in the models folder, or the path of a "
+                            ".gguf file or a model folder anywhere.")
     loader: str | None = opt(None, "Model", "Loader to use instead of the one inferred from the model's files "
                              "(llama.cpp, transformers, exllamav2, gptq).")
     models_dir: str = opt("models", "Model", "Folder that holds the models.")
@@ -60,6 +61,8 @@ class Settings(GPTQOptions, TransformersOptions, LlamaCppOptions, ExLlamaV2Optio
                                     "*.example.com); '*' turns the Host check off.", cli_only=True)
     listen_port: int = opt(7860, "Server", "Port of the web UI.", bounds=(1, 65_535))
     api: bool = opt(False, "Server", "Serve the OpenAI-compatible API as well.")
+    nowebui: bool = opt(False, "Server", "Serve the API only, without the web UI (implies --api; starts faster, "
+                        "uses less memory).", persist=False)
     api_port: int = opt(5000, "Server", "Port of the API.", bounds=(1, 65_535))
     api_key: str | None = opt(None, "Server", "Require this key (Authorization: Bearer KEY) on API calls.",
                               persist=False)
