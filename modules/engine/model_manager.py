@@ -83,6 +83,11 @@ class ModelManager:
         self._model: LoadedModel | None = None
         self._name: str | None = None
         self.report: LoadReport | None = None
+        self.loading: str | None = None
+        """The model being loaded right now (what /health answers 503 for), else None."""
+        self.external: dict[str, Path] = {}
+        """Models outside the folder, by name: paths given on the command line (trusted as the
+        user's own; see modules/engine/model_paths.py). Never filled from a request."""
         # Serialises the read-modify-write of config-user.yaml: two saves at once (two
         # browser tabs, the UI and the API) would otherwise each write back what they read
         # and one of them would be lost.
@@ -91,9 +96,9 @@ class ModelManager:
     # --- discovery -------------------------------------------------------------------
     def list_models(self) -> list[str]:
         """Model names: .gguf files, and folders holding weights, relative to the folder."""
+        names: list[str] = list(self.external)
         if not self.models_dir.is_dir():
-            return []
-        names: list[str] = []
+            return names
         for entry in sorted(self.models_dir.iterdir(), key=lambda p: p.name.lower()):
             if entry.name.startswith("."):
                 continue
@@ -113,6 +118,8 @@ class ModelManager:
         return [f"{folder.name}/{g}" for g in ggufs]
 
     def path_of(self, name: str) -> Path:
+        if name in self.external:
+            return self.external[name]
         path = safe_join(self.models_dir, name, subfolders=True, what="model")
         if not path.exists():
             raise ModelNotFoundError(f"no model named {name!r} in {self.models_dir}", "model")
@@ -196,7 +203,11 @@ class ModelManager:
             self.unload()
             ram0, gpu0 = _ram_bytes(), _gpu_bytes()
             start = time.perf_counter()
-            model = cls.load(path, options)
+            self.loading = name
+            try:
+                model = cls.load(path, options)
+            finally:
+                self.loading = None
             seconds = time.perf_counter() - start
             self._model, self._name = model, name
             self.report = LoadReport(
