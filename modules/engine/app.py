@@ -19,6 +19,7 @@ from modules.engine.embeddings import Embedder
 from modules.engine.extensions import ExtensionRegistry
 from modules.engine.generation import Generator
 from modules.engine.model_manager import ModelManager
+from modules.engine.model_paths import register_cli_model
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,8 @@ class App:
         """Load `--model` if given; a failure is reported, never fatal. Returns the error text."""
         if not self.settings.model:
             return None
-        try:
-            self.models.load(self.settings.model, loader=self.settings.loader)
+        try:  # the command line may name a path anywhere (trusted: the user's own)
+            self.models.load(register_cli_model(self.models, self.settings.model), loader=self.settings.loader)
         except Exception as exc:  # noqa: BLE001 - the app must start whatever the model does
             log.error("could not load %s: %s", self.settings.model, exc)
             return str(exc)
