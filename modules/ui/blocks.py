@@ -13,6 +13,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from modules.engine.app import App
+from modules.engine.health import HealthEndpoint
 from modules.engine.web_guard import UI_MAX_UPLOAD_MIB, WebGuard, policy_for
 from modules.ui import (
     chat_tab,
@@ -58,7 +59,8 @@ def launch_options(app: App | None = None) -> dict[str, Any]:
         # The same guard as the API's (Host allowlist, no cross-site requests, body cap),
         # inside gradio's own app so it runs before any of its routes.
         guard = Middleware(WebGuard, policy=policy_for(app.settings, "ui"))
-        options["app_kwargs"] = {"middleware": [guard]}
+        # /health on the UI port too (llama.cpp's readiness answer), behind the guard.
+        options["app_kwargs"] = {"middleware": [guard, Middleware(HealthEndpoint, app=app)]}
         if css := extensions_ui.css(app):
             options["css"] = css
         if js := extensions_ui.js(app):
