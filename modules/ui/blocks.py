@@ -33,6 +33,7 @@ def create_ui(app: App) -> gr.Blocks:
     """Build the Blocks app over `app`; the caller launches it."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         params = gr.State(default_params())
+        model_tab.status_badge(app)  # "unloaded while idle" / "loading X" above every tab, the Chat's too
         with gr.Tab("Chat") as chat_page:
             chat = chat_tab.create_ui(app, params, demo)
         chat_tab.refresh_on_show(app, chat, chat_page)
