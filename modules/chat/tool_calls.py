@@ -86,7 +86,8 @@ Reader = Callable[[str, bool, bool, bool], Scan]
 class ToolFamily:
     """A model family's call syntax.
 
-    `markers`: strings in a chat template that identify the family (all must appear);
+    `markers`: strings in a chat template that identify the family (all must appear, and
+    none of `absent`);
     `read`: the reply reader, `(text, final, opened, tools) -> Scan`; `think`: its
     reasoning tags (open, close), or None; `call_id_length`: 9 for Mistral, whose templates
     refuse other ids, 0 for OpenAI-style "call_..." ids; `grammar`: the name of its call
@@ -99,6 +100,7 @@ class ToolFamily:
     think: tuple[str, str] | None = ("<think>", "</think>")
     call_id_length: int = 0
     grammar: str = ""
+    absent: tuple[str, ...] = ()
 
 
 def _think_reader(body: Callable[..., None], tags: tuple[str, str] = ("<think>", "</think>")) -> Reader:
@@ -112,8 +114,14 @@ TOOL_FAMILIES: Mapping[str, ToolFamily] = {
         ToolFamily("gemma4", ("<|tool_call>call:",),
                    _think_reader(marked_body((G_CALL, *G_DROPPED), read_gemma), ("<|channel>thought", "<channel|>")),
                    ("<|channel>thought", "<channel|>"), grammar="gemma4"),
+        ToolFamily("deepseek_v3_1", ("tool▁call▁begin",),
+                   _think_reader(marked_body((DS_CALLS_BEGIN, DS_CALL_BEGIN), read_deepseek)),
+                   grammar="deepseek_v3_1", absent=("```json",)),
         ToolFamily("deepseek", ("tool▁call▁begin",),
                    _think_reader(marked_body((DS_CALLS_BEGIN, DS_CALL_BEGIN), read_deepseek)), grammar="deepseek"),
+        ToolFamily("mistral_args", ("[TOOL_CALLS]", "[ARGS]"),
+                   _think_reader(marked_body(("[TOOL_CALLS]",), read_mistral), ("[THINK]", "[/THINK]")),
+                   ("[THINK]", "[/THINK]"), call_id_length=9, grammar="mistral_args"),
         ToolFamily("mistral", ("[TOOL_CALLS]",),
                    _think_reader(marked_body(("[TOOL_CALLS]",), read_mistral), ("[THINK]", "[/THINK]")),
                    ("[THINK]", "[/THINK]"), call_id_length=9, grammar="mistral"),
@@ -131,7 +139,8 @@ def detect_family(template_source: str | None) -> ToolFamily:
     """The family whose markers all appear in the template; "generic" for any other (or None)."""
     source = template_source if isinstance(template_source, str) else ""
     for family in TOOL_FAMILIES.values():
-        if family.markers and all(marker in source for marker in family.markers):
+        if (family.markers and all(marker in source for marker in family.markers)
+                and not any(marker in source for marker in family.absent)):
             return family
     # Llama 3.x templates that never show <|python_tag|> still ask for {"name", "parameters"}.
     if "<|start_header_id|>" in source and '"parameters"' in source:
