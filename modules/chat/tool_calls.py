@@ -228,8 +228,8 @@ def template_messages(messages: list[dict[str, Any]], family: ToolFamily | None 
 
     Assistant `tool_calls` get `function.arguments` as a dict (transformers and vLLM do
     this; templates write it with `tojson`), `type: "function"`, and lose the key when
-    empty (templates test `'tool_calls' in message`); a None content becomes "" where
-    templates concatenate it; tool messages keep `tool_call_id` and `name`; a past turn's
+    empty (templates test `'tool_calls' in message`); a None content becomes "" (kept
+    None beside calls for DeepSeek, left out for gpt-oss, as their templates test it); tool messages keep `tool_call_id` and `name`; a past turn's
     `reasoning_content` is kept (also as `thinking`, gpt-oss's name) for the templates
     that use it. With `family` Mistral, call ids become the 9 characters its templates
     demand (the same id gives the same 9). With family "generic" (templates without tool
@@ -241,9 +241,9 @@ def template_messages(messages: list[dict[str, Any]], family: ToolFamily | None 
             shaped.append(message)
             continue
         msg = dict(message)
-        if msg.get("content") is None:
-            msg["content"] = ""
         calls = msg.pop("tool_calls", None)
+        if msg.get("content") is None:
+            _empty_content(msg, family, bool(calls))
         if isinstance(calls, list) and calls:
             msg["tool_calls"] = [_template_call(call, family) for call in calls]
         reasoning = msg.get("reasoning_content") or msg.pop("reasoning", None)
@@ -256,6 +256,18 @@ def template_messages(messages: list[dict[str, Any]], family: ToolFamily | None 
             msg = _generic_turn(msg)
         shaped.append(msg)
     return shaped
+
+
+def _empty_content(msg: dict[str, Any], family: ToolFamily | None, has_calls: bool) -> None:
+    # Most templates concatenate content ("" is safe); DeepSeek's writes an empty extra turn
+    # for "" after calls (it tests `is not none`), gpt-oss's tests `"content" in message`.
+    name = family.name if family is not None else ""
+    if has_calls and name.startswith("deepseek"):
+        msg["content"] = None
+    elif has_calls and name == "harmony":
+        msg.pop("content", None)
+    else:
+        msg["content"] = ""
 
 
 def _template_call(call: object, family: ToolFamily | None) -> object:

@@ -114,8 +114,8 @@ def read_call_object(text: str, pos: int, final: bool) -> CallResult:
                 return "call", [_args_call(name, args_scan, call_id)], args_scan.end
             i = args_scan.end
             continue
-        if name is None and key != "type":
-            return "content", [], pos
+        if key not in ("type", "id"):
+            return "content", [], pos  # only a call's own keys: anything else is an answer in JSON
         other = scan_json(text, i, final=final)
         if other.status != "complete":
             return (_unfinished(name, args_scan, call_id, n, final) if other.status == "partial"
@@ -151,10 +151,10 @@ def _finish_call(name: str, scan: object, call_id: str | None) -> RawCall:
 
 
 def _unfinished(name: str | None, scan: object, call_id: str | None, n: int, final: bool) -> CallResult:
-    if name is None:
+    if name is None or (scan is None and not final):
+        # Not a call until its arguments begin: `{"name": "Bob", "age": 3}` is an answer.
         return ("content", [], -1) if final else ("pending", [], -1)
-    # Arguments not begun yet are "" (not "{}"): they may still come.
-    call = _args_call(name, scan, call_id) if scan is not None or final else RawCall(name, "", False, call_id)
+    call = _args_call(name, scan, call_id)
     if scan is not None and scan.status == "complete":  # type: ignore[attr-defined]
         call.done = final  # the object may still gain an "id"
     return ("call" if final else "pending_call"), [call], n

@@ -72,38 +72,39 @@ def build_call_grammar(family: ToolFamily, tools: list[dict[str, Any]], *, name:
     ws = builder.add_rule("tc-ws", "[ \\t\\n]{0,4}")
     shape = family.grammar or "generic"
     calls = []
+    prefix = ""
     for function in functions:
         args = builder.add_schema(f"{function['name']}-args", function["parameters"], strict=function["strict"],
                                   param="tools")
-        body = _call_body(shape, function["name"], args, ws, gbnf_literal)
+        prefix, body = _call_body(shape, function["name"], args, ws, gbnf_literal)
         calls.append(builder.add_rule(f"call-{function['name']}", body))
-    call = builder.add_rule("tc-call", " | ".join(calls))
+    # The text every call starts with is written once, before the choice of name: llguidance's
+    # GBNF import turns an all-literal alternative into one lexeme, and two alternatives
+    # sharing a first lexeme then cannot both be followed.
+    call = builder.add_rule("tc-call", f"{prefix} ( {' | '.join(calls)} )")
     root = _root(shape, call, ws, parallel, builder, gbnf_literal)
     return builder.build(root), list(TRIGGERS.get(shape, TRIGGERS["generic"]))
 
 
-def _json_object_call(name: str, args: str, ws: str, lit: Any, args_key: str = "arguments") -> str:
-    return (f'"{{" {ws} {lit(chr(34) + "name" + chr(34))} {ws} ":" {ws} {lit(json.dumps(name))} {ws} "," {ws} '
-            f'{lit(chr(34) + args_key + chr(34))} {ws} ":" {ws} {args} {ws} "}}"')
-
-
-def _call_body(shape: str, name: str, args: str, ws: str, lit: Any) -> str:
-    if shape in ("hermes", "mistral", "generic"):
-        return _json_object_call(name, args, ws, lit)
-    if shape == "llama3":
-        return _json_object_call(name, args, ws, lit, "parameters")
+def _call_body(shape: str, name: str, args: str, ws: str, lit: Any) -> tuple[str, str]:
+    """(what every call of the family starts with, the rest for this function)."""
+    if shape in ("hermes", "mistral", "generic", "llama3"):
+        key = lit(chr(34) + ("parameters" if shape == "llama3" else "arguments") + chr(34))
+        return (f'"{{" {ws} "\\"name\\"" {ws} ":" {ws}',
+                f'{lit(json.dumps(name))} {ws} "," {ws} {key} {ws} ":" {ws} {args} {ws} "}}"')
     if shape == "mistral_args":
-        return f'{lit(name)} "[ARGS]" {args}'
+        return "", f'{lit(name)} "[ARGS]" {args}'
     if shape == "deepseek":
-        return f'"<｜tool▁call▁begin｜>function<｜tool▁sep｜>" {lit(name)} "\\n```json\\n" {args} "\\n```<｜tool▁call▁end｜>"'
+        return ('"<｜tool▁call▁begin｜>function<｜tool▁sep｜>"',
+                f'{lit(name)} "\\n```json\\n" {args} "\\n```<｜tool▁call▁end｜>"')
     if shape == "deepseek_v3_1":
-        return f'"<｜tool▁call▁begin｜>" {lit(name)} "<｜tool▁sep｜>" {args} "<｜tool▁call▁end｜>"'
+        return '"<｜tool▁call▁begin｜>"', f'{lit(name)} "<｜tool▁sep｜>" {args} "<｜tool▁call▁end｜>"'
     if shape == "harmony":
-        return f'"<|channel|>commentary to=functions." {lit(name)} " <|constrain|>json<|message|>" {args}'
+        return '"<|channel|>commentary to=functions."', f'{lit(name)} " <|constrain|>json<|message|>" {args}'
     if shape == "gemma4":
         # Gemma writes arguments in its own syntax, not JSON; the values are checked for shape
         # only (llama.cpp does the same: its converter makes JSON rules).
-        return f'"<|tool_call>call:" {lit(name)} gemma-dict "<tool_call|>"'
+        return '"<|tool_call>call:"', f'{lit(name)} gemma-dict "<tool_call|>"'
     raise InvalidRequestError(f"no call grammar for the {shape!r} family", "tools")
 
 
@@ -121,7 +122,7 @@ GEMMA_RULES = {
 def _root(shape: str, call: str, ws: str, parallel: bool, builder: Any, lit: Any) -> str:
     if shape == "hermes":
         one = builder.add_rule("tc-block", f'"<tool_call>" {ws} {call} {ws} "</tool_call>"')
-        return f"{one} ( {ws} {one} ){'*' if parallel else ''}"
+        return f"{one} ( {ws} {one} )*" if parallel else one
     if shape == "llama3":
         return f'( "<|python_tag|>" )? {call}'
     if shape == "mistral":
