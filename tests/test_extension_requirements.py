@@ -120,3 +120,14 @@ def test_install_sh_installs_an_extensions_packages_into_a_fresh_venv(fake_check
 def test_install_sh_refuses_an_unknown_extension(fake_checkout):
     run = _install(fake_checkout, "../etc")
     assert run.returncode == 1 and "no extension named" in run.stderr
+
+
+def test_the_start_scripts_find_the_enabled_extensions(tmp_path):
+    import runpy
+
+    script = runpy.run_path(str(ROOT / "scripts" / "install_extensions.py"))
+    (tmp_path / "s.yaml").write_text("extensions: [memory]\n")
+    flags = ["--settings", str(tmp_path / "s.yaml")]
+    assert script["enabled_extensions"](flags) == ["memory"]
+    assert script["enabled_extensions"]([*flags, "--extensions", "translate"]) == ["translate"]
+    assert script["enabled_extensions"](["--help"]) == []  # server.py answers that, not the installer
