@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,12 @@ RANDOM_SEED = 0xFFFFFFFF
 #: the whole process. A huge finite penalty still never wins against an allowed token.
 GRAMMAR_SAFE_BAN = -1e9
 
+NEVER_UTF8 = re.compile(b"[\\xC0\\xC1\\xF5-\\xFF]")
+#: Trigger patterns: llama.cpp re-runs each on the whole free text after every token.
+MAX_TRIGGER_CHARS = 1000
+#: The alphanumeric escapes ECMAScript and Python's re both read the same way.
+TRIGGER_ESCAPES = frozenset("dDwWsSbBnrtfvxu")
+
 PENALTY_NAMES = ("repetition_penalty", "presence_penalty", "frequency_penalty")
 #: Samplers that only cut the tail: they cannot change the argmax (XTC is random), so
 #: greedy decoding skips them, and Mirostat replaces them with its own truncation.
@@ -42,6 +49,8 @@ class ChainContext:
     n_vocab: int
     n_ctx: int
     eog_ids: tuple[int, ...]
+    #: Tokens holding a byte no UTF-8 text contains (C0, C1, F5-FF): banned under a grammar.
+    never_utf8_ids: tuple[int, ...] = ()
 
 
 def build_sampler_chain(
@@ -53,7 +62,8 @@ def build_sampler_chain(
     `params.active_samplers()` order, then the sampler that picks (greedy, Mirostat or a
     seeded dist). `history` (the prompt) primes the penalty and DRY samplers, as
     llama-server does, so a reply is penalised for repeating the prompt too.
-    Raises InvalidRequestError(param="grammar_string") for a grammar llama.cpp rejects.
+    Raises InvalidRequestError(param="grammar_string") for a grammar llama.cpp rejects and
+    (param="grammar_triggers") for a trigger pattern it could not compile.
     """
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
     try:
@@ -85,7 +95,7 @@ def _fill_chain(lib: Any, chain: Any, facts: ChainContext, params: SamplingParam
     if params.grammar_string:
         # Before any truncation: a cut that kept only tokens the grammar rejects would
         # leave nothing valid to pick (llama.cpp aborts on that).
-        add(chain, _grammar_sampler(lib, facts, params.grammar_string))
+        add(chain, _grammar_sampler(lib, facts, params.grammar_string, params.grammar_triggers))
     for sampler in _distribution_samplers(lib, facts, params, history):
         add(chain, sampler)
     add(chain, _picker(lib, facts, params))
@@ -104,6 +114,10 @@ def logit_bias_entries(params: SamplingParams, facts: ChainContext) -> dict[int,
         if 0 <= token < facts.n_vocab:
             entries[token] = ban if value == -math.inf else value
     banned = list(params.custom_token_bans)
+    if params.grammar_string:
+        # llama.cpp's grammar decodes UTF-8 leniently (an F8 lead passes as F0), so such a
+        # token could put bytes no JSON parser reads inside a string the grammar allowed.
+        banned += facts.never_utf8_ids
     if params.ban_eos_token:
         banned += facts.eog_ids
     for token in banned:
@@ -112,13 +126,81 @@ def logit_bias_entries(params: SamplingParams, facts: ChainContext) -> dict[int,
     return entries
 
 
-def _grammar_sampler(lib: Any, facts: ChainContext, grammar: str) -> Any:
-    sampler = lib.llama_sampler_init_grammar(facts.vocab, grammar.encode("utf-8"), b"root")
+def never_utf8_tokens(lib: Any, vocab: Any, n_vocab: int) -> tuple[int, ...]:
+    """The ids whose piece holds a byte that never occurs in valid UTF-8 (C0, C1, F5-FF)."""
+    buf = ctypes.create_string_buffer(256)
+    found = []
+    for token in range(n_vocab):
+        n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+        if n > 0 and NEVER_UTF8.search(buf.raw[:n]):
+            found.append(token)
+    return tuple(found)
+
+
+def _grammar_sampler(lib: Any, facts: ChainContext, grammar: str, triggers: Sequence[str] = ()) -> Any:
+    if triggers:
+        # Lazy: free output until a pattern matches the text so far, then the grammar from
+        # the match's first non-empty group (or the match) on: llama.cpp's own semantics.
+        patterns = [check_trigger_pattern(t).encode("utf-8") for t in triggers]
+        array = (ctypes.c_char_p * len(patterns))(*patterns)
+        sampler = lib.llama_sampler_init_grammar_lazy_patterns(
+            facts.vocab, grammar.encode("utf-8"), b"root", array, len(patterns), None, 0
+        )
+    else:
+        sampler = lib.llama_sampler_init_grammar(facts.vocab, grammar.encode("utf-8"), b"root")
     if not sampler:  # NULL: llama.cpp could not parse it (the reason went to its log)
         raise InvalidRequestError(
             "grammar_string is not a valid GBNF grammar with a 'root' rule", "grammar_string"
         )
     return sampler
+
+
+def check_trigger_pattern(pattern: str) -> str:
+    """`pattern` if llama.cpp's std::regex (ECMAScript) takes it the way Python's re does.
+
+    llama.cpp compiles triggers with std::regex and does not catch its exception, so a
+    pattern it cannot read would abort the whole process: anything outside the dialect both
+    read alike is refused here (InvalidRequestError naming grammar_triggers).
+    """
+    problem = _trigger_problem(pattern)
+    if problem:
+        raise InvalidRequestError(f"grammar_triggers: {pattern!r} is not supported: {problem}", "grammar_triggers")
+    return pattern
+
+
+def _trigger_problem(pattern: str) -> str:
+    if len(pattern) > MAX_TRIGGER_CHARS:
+        return f"longer than {MAX_TRIGGER_CHARS} characters"
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return f"not a valid regular expression ({exc})"
+    i, in_class = 0, False
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "\\":
+            nxt = pattern[i + 1:i + 2]
+            if nxt.isalnum() and nxt not in TRIGGER_ESCAPES:
+                return f"the escape \\{nxt} (ECMAScript regexes have no such escape)"
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            if pattern.startswith(("[]", "[^]"), i):
+                return "a class may not start with ']' (ECMAScript reads [] and [^] as whole classes)"
+            in_class = True
+        elif ch == "(" and pattern.startswith("(?", i) and pattern[i + 2:i + 3] not in (":", "=", "!"):
+            return "only (?:...), (?=...) and (?!...) groups (no flags, names or lookbehind)"
+        elif ch == "{":
+            count = re.match(r"\{\d+(,\d*)?\}", pattern[i:])
+            if not count:
+                return "a literal '{' must be escaped as \\{"
+            i += count.end() - 1
+        elif ch in "}]":
+            return f"a literal '{ch}' must be escaped as \\{ch}"
+        i += 1
+    return ""
 
 
 def _distribution_samplers(

@@ -26,17 +26,23 @@ from types import ModuleType
 from typing import Any
 
 from modules.core.errors import InvalidRequestError
-from modules.engine.schema_subset import normalise_schema
+from modules.engine.schema_subset import JSON_CHAR_EXCLUDED, normalise_schema
 
 #: Whole-grammar cap: a hostile schema must not make llama.cpp parse megabytes.
 MAX_GRAMMAR_CHARS = 512 * 1024
 CONVERTER_FILE = "llama_grammar.py"
 #: JSON-safe replacements for the converter's string rules: its `char` and regex `.` let raw
-#: control characters through, which no JSON parser accepts inside a string.
+#: control characters (and the above) through, which no JSON parser accepts inside a string.
 SAFE_RULES = {
-    "char": r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])',
-    "dot": r'[^"\\\x7F\x00-\x1F]',
+    "char": f'[^{JSON_CHAR_EXCLUDED}] | "\\\\" (["\\\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])',
+    "dot": f"[^{JSON_CHAR_EXCLUDED}]",
 }
+#: No optional whitespace between JSON tokens. With the converter's `" "?`, a model writes a
+#: lone space token before a comma; llama.cpp's detokenizer then drops that space ("clean
+#: spaces", on for most BPE vocabularies), which makes decoded text not a prefix of itself as
+#: tokens arrive, and the streamed text lost the comma (measured on the tiny kit). Compact JSON
+#: is also fewer tokens.
+COMPACT_SPACE = '""'
 _RULE_NAME_BAD = re.compile(r"[^a-zA-Z0-9-]+")
 _LITERAL_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -161,6 +167,10 @@ def _converter_class() -> type:
 
         _ref_rules: dict[str, str]
         _ref_prefix: str = "schema"
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._rules["space"] = COMPACT_SPACE
 
         def fresh_name(self, name: str) -> str:
             base_name = _RULE_NAME_BAD.sub("-", name).strip("-") or "rule"

@@ -250,6 +250,10 @@ class _Normaliser:
             return self.object(s, ptr, depth)
         if t == "array":
             return self.array(s, ptr, depth)
+        if t == "number":
+            for key in TYPE_KEYWORDS["integer"] & s.keys():
+                raise self.fail(f"'{key}' on a number is not supported: {REFUSAL_HINTS[key]} "
+                                "(use type integer, or drop the bound)", ptr)
         return {"type": t}
 
     # --- one type each ----------------------------------------------------------------------
@@ -414,6 +418,10 @@ def _escape(name: str) -> str:
 # --- regex patterns -> the dialect the converter passes to GBNF -----------------------------
 _CLASS_ESCAPES = {"d": "0-9", "w": "a-zA-Z0-9_", "s": " "}
 _REFUSED_CHARS = '"\\'
+#: What a JSON string may not hold raw: quote, backslash, DEL, control characters, surrogates,
+#: and "code points" past U+10FFFF, which llama.cpp's lenient UTF-8 decoding lets through (an
+#: F4 90.. lead). Negated classes, `.` and the string rule all exclude it.
+JSON_CHAR_EXCLUDED = "\\x22\\x5C\\x7F\\x00-\\x1F\\uD800-\\uDFFF\\U00110000-\\U001FFFFF"
 
 
 def _hex(ch: str) -> str:
@@ -526,7 +534,7 @@ def _char_class(body: str, i: int, out: list[str]) -> int:
     if j >= len(body):
         raise ValueError("unbalanced '['")
     if negated:  # never a quote, backslash or control character, whatever the class excludes
-        parts.append("\\x22\\x5C\\x7F\\x00-\\x1F")
+        parts.append(JSON_CHAR_EXCLUDED)
     out.append("[" + ("^" if negated else "") + "".join(parts) + "]")
     return j + 1
 
