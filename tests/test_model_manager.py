@@ -138,3 +138,42 @@ def test_remote_code_and_pickles_cannot_be_switched_on_by_a_request_or_a_saved_f
     checked = app.models._checked_saved("fake.gguf", app.models.saved_settings("fake.gguf"),
                                         {"ctx_size", "trust_remote_code"})
     assert checked == {"ctx_size": 96} and "ignoring trust_remote_code" in caplog.text
+
+
+def test_require_waits_for_a_load_in_progress(app, fake, monkeypatch):
+    """A token count during a model switch waits for the new model instead of failing with
+    'no model is loaded' (the old one is gone, the new one not there yet)."""
+    import threading
+    import time
+
+    from tests.fakes import FakeLoader
+
+    (app.models.models_dir / "other.gguf").write_bytes(b"GGUF")
+    entered, go = threading.Event(), threading.Event()
+    original = FakeLoader.load.__func__
+
+    def slow_load(cls, path, options):
+        entered.set()
+        go.wait(5)
+        return original(cls, path, options)
+
+    monkeypatch.setattr(FakeLoader, "load", classmethod(slow_load))
+    loader = threading.Thread(target=app.models.load, args=("other.gguf", "fake"), daemon=True)
+    loader.start()
+    assert entered.wait(5) and app.models.status().state == "loading"
+    got = []
+    counter = threading.Thread(target=lambda: got.append(app.models.require()), daemon=True)
+    counter.start()
+    time.sleep(0.1)
+    assert not got  # waiting, not refused
+    go.set()
+    counter.join(5)
+    loader.join(5)
+    assert got and got[0].info.name == "other.gguf"
+
+
+def test_last_loaded_remembers_how(app, fake):
+    last = app.models.last_loaded()
+    assert last is not None and (last.name, last.loader, last.overrides) == ("fake.gguf", "fake", {})
+    app.models.unload()
+    assert app.models.last_loaded() == last and app.models.asleep is None
