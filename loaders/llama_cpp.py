@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from typing import Any
 
 from loaders import gguf_main_file, register_loader
 from loaders.base import Capabilities, LoaderBase, ModelInfo, Step, auto_context
-from loaders.llama_cpp_sampler import ChainContext, build_sampler_chain
+from loaders.llama_cpp_sampler import ChainContext, build_sampler_chain, never_utf8_tokens
 from loaders.llama_cpp_slots import SlotEngine, context_params_for_slots
 from modules.core import gguf_header
 from modules.core.errors import (
@@ -77,6 +78,7 @@ class LlamaCppLoader(LoaderBase):
         self._llm: Any = llm
         self._vocab = lib.llama_model_get_vocab(llm.model)
         self._chain_context = ChainContext(self._vocab, info.vocab_size, info.context_length, eog_ids)
+        self._never_utf8_known = False
         self._engine: SlotEngine | None = engine
         self.parallel = engine.n_slots
         # Guards the vocabulary and the engine's lifetime: tokenizer calls (allowed during
@@ -203,6 +205,11 @@ class LlamaCppLoader(LoaderBase):
         yield from engine.generate(prompt_ids, chain, stop_event, params.max_new_tokens, params.logprobs)
 
     def _new_chain(self, params: SamplingParams, prompt_ids: Sequence[int]) -> Any:
+        if params.grammar_string and not self._never_utf8_known:
+            # Once, on the first grammar: a walk over the vocabulary (~5 us a token).
+            ids = never_utf8_tokens(self._lib, self._vocab, self.info.vocab_size)
+            self._chain_context = dataclasses.replace(self._chain_context, never_utf8_ids=ids)
+            self._never_utf8_known = True
         try:
             return build_sampler_chain(self._lib, self._chain_context, params, prompt_ids)
         except InvalidRequestError as exc:
