@@ -3,6 +3,7 @@
     python download-model.py TheBloke/Llama-2-7B-GGUF --file '*Q4_K_M*'
     python download-model.py https://huggingface.co/org/repo/blob/main/model.Q5_K_M.gguf
     python download-model.py org/repo --list          # files, kinds, sizes, estimates
+    python download-model.py org/repo --output /data/models   # elsewhere (alias of --models-dir)
 
 Honours HF_TOKEN (gated and private repos) and HF_ENDPOINT (mirrors). Run it again after
 an interruption: it resumes. Exit status 0 on success, 1 on any error (message on stderr).
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("link", help="org/repo or a huggingface.co link (/tree/BRANCH, /blob/BRANCH/FILE, /resolve/...)")
     p.add_argument("--branch", help="branch or revision (overrides one in the link)")
     p.add_argument("--file", help="file name or glob to download, e.g. '*Q4_K_M*.gguf'")
-    p.add_argument("--models-dir", type=Path, default=ROOT / "models", help="destination folder (default: models/)")
+    p.add_argument("--models-dir", "--output", dest="models_dir", type=Path, default=ROOT / "models",
+                   help="destination folder (default: models/); --output is the same (text-generation-webui's name)")
     p.add_argument("--list", action="store_true", help="only list the files and the GGUF recommendation")
     p.add_argument("--ctx-size", type=int, default=4096, help="context the memory estimates are for")
     p.add_argument("--allow-pickles", action="store_true",

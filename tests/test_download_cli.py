@@ -45,3 +45,10 @@ def test_cli_fails_clearly_on_a_bad_link_and_a_missing_repo(hub: HubServer, tmp_
     missing = _cli(hub, "kit/does-not-exist", "--models-dir", str(tmp_path))
     assert missing.returncode == 1 and "kit/does-not-exist not found" in missing.stderr
     assert "Traceback" not in bad.stderr + missing.stderr
+
+
+def test_output_is_an_alias_of_models_dir(hub: HubServer, tiny_kit: TinyKit, tmp_path: Path) -> None:
+    link = "https://huggingface.co/kit/tiny-llama/blob/main/tiny-llama-Q8_0.gguf"
+    run = _cli(hub, link, "--output", str(tmp_path / "elsewhere"))
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "elsewhere" / "tiny-llama-Q8_0.gguf").read_bytes() == tiny_kit.gguf_q8_0.read_bytes()

@@ -113,9 +113,11 @@ def probe():
         print('NEVER READY', flush=True)
         os._exit(1)
     meta = sys.modules['gradio.component_meta']
+    with opener.open('http://127.0.0.1:{port}/health', timeout=2) as response:
+        health = response.read().decode()
     # One write per line: Gradio's launch() prints from the main thread meanwhile, and print()'s
     # separate writes of each argument would interleave with it.
-    lines = ['STUBS ' + meta.create_or_modify_pyi.__name__,
+    lines = ['STUBS ' + meta.create_or_modify_pyi.__name__, 'HEALTH ' + health,
              'LOADED ' + repr(sorted(m for m in {watch!r} if m in sys.modules)),
              'EXTENSIONS ' + repr([m for m in sys.modules if m.startswith('workbench_extensions')])]
     sys.stdout.write('\\n' + '\\n'.join(lines) + '\\n')
@@ -139,5 +141,6 @@ def test_server_starts_with_no_model_and_imports_nothing_heavy(tmp_path, api):
     watch = HEAVY if api else (*HEAVY, *NOT_WITHOUT_API)
     out = run_python(PROBE.format(root=str(ROOT), flags=flags, port=port, watch=watch), timeout=150)
     assert "STUBS _no_pyi" in out  # server.py installed the hook before gradio's first import
+    assert 'HEALTH {"status": "ok"}' in out  # /health on the UI port too
     assert "LOADED []" in out
     assert "EXTENSIONS []" in out

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 from fastapi import Depends, FastAPI
 
-from modules.api import internal_routes, kobold_routes, openai_routes
+from modules.api import health, internal_routes, kobold_routes, openai_routes
 from modules.api.auth import require_key
 from modules.api.errors import AnswerUnexpectedErrors, SafeJSONResponse, install_error_handlers
 from modules.api.state import ApiState, get_state
@@ -54,6 +54,7 @@ def create_app(app: App) -> FastAPI:
     api.state.api = ApiState(app)
     install_error_handlers(api)
     auth = [Depends(require_key)]
+    api.include_router(health.router)  # no key: it says only ready or loading
     for router in (openai_routes.router, internal_routes.router, kobold_routes.router):
         api.include_router(router, dependencies=auth)
     origins = [o.strip() for o in (app.settings.api_cors_origins or "").split(",") if o.strip()]

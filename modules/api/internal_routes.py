@@ -39,7 +39,7 @@ router = APIRouter(prefix="/v1/internal", tags=["Internal (ooba)"], route_class=
 def model_info(request: Request) -> ModelInfoResponse:
     models = get_state(request).app.models
     report = models.report
-    return ModelInfoResponse(model_name=models.name or "None", lora_names=[],
+    return ModelInfoResponse(model_name=models.status().name or "None", lora_names=[],
                              loader=report.loader if report else None)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -24,7 +24,7 @@ from modules.api.responses import (
     sse_responses,
 )
 from modules.api.schemas import KoboldAbortRequest, KoboldGenerateRequest, KoboldTokenCountRequest
-from modules.api.state import ApiState, Run, caller_of, get_state
+from modules.api.state import ApiState, Run, caller_of, get_state, on_model
 from modules.api.streaming import drain, kobold_event, sse_response
 from modules.api.unknown_fields import LoggingRoute
 
@@ -42,11 +42,14 @@ def _context_length(state: ApiState) -> int:
     return model.info.context_length if model else 0
 
 
-def _start(request: Request, body: KoboldGenerateRequest) -> Run:
+async def _start(request: Request, body: KoboldGenerateRequest) -> tuple[Run, Callable[[], None]]:
+    """The request's Run, and the callback ending it. Kobold requests name no model: they run on
+    the loaded one, or the one the requests ahead of them switch to (in turn, as the others)."""
     state = get_state(request)
     genkey = (body.model_extra or {}).get("genkey")
     caller = caller_of(request, genkey if isinstance(genkey, str) and genkey else None)
-    return state.run(body.to_sampling_params(state.default_params(body.max_tokens_given())), caller)
+    return await on_model(request, None, lambda: state.run(
+        body.to_sampling_params(state.default_params(body.max_tokens_given())), caller))
 
 
 def _tokens(run: Run, prompt: str) -> Iterator[dict[str, Any]]:
@@ -59,7 +62,7 @@ def _tokens(run: Run, prompt: str) -> Iterator[dict[str, Any]]:
 
 @router.get("/api/v1/model", response_model=KoboldResult)
 def model(request: Request) -> KoboldResult:
-    return KoboldResult(result=get_state(request).app.models.name or "None")
+    return KoboldResult(result=get_state(request).app.models.status().name or "None")
 
 
 @router.get("/api/v1/info/version", response_model=KoboldResult)
@@ -85,8 +88,8 @@ def max_length(request: Request) -> KoboldValue:
 
 @router.post("/api/v1/generate", response_model=KoboldGenerateResponse, responses=_GENERATION_ERRORS)
 async def generate(body: KoboldGenerateRequest, request: Request) -> KoboldGenerateResponse:
-    run = _start(request, body)
-    last = await drain(request, lambda: run.result(body.prompt), run.cancel)
+    run, end = await _start(request, body)
+    last = await drain(request, lambda: run.result(body.prompt), end)
     generation = KoboldGeneration.model_validate({"text": last.text, "finish_reason": last.finish_reason})
     return KoboldGenerateResponse(results=[generation])
 
@@ -97,8 +100,8 @@ async def generate(body: KoboldGenerateRequest, request: Request) -> KoboldGener
                                         done=False, event="message"),
                         **_GENERATION_ERRORS})
 async def generate_stream(body: KoboldGenerateRequest, request: Request) -> Response:
-    run = _start(request, body)
-    return sse_response(request, _tokens(run, body.prompt), run.cancel, encode=kobold_event, done=None)
+    run, end = await _start(request, body)
+    return sse_response(request, _tokens(run, body.prompt), end, encode=kobold_event, done=None)
 
 
 @router.post("/api/extra/tokencount", response_model=KoboldTokenCount, responses=error_responses(413, 415))

@@ -13,17 +13,27 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
+from modules.api.errors import ApiError
 from modules.api.responses import UsageInfo
 from modules.core.sampling import SamplingParams
 from modules.engine.generation import GenerationChunk, Reservation, Stream
+from modules.engine.model_switch import ModelLease, ModelNotFoundByNameError
 
 if TYPE_CHECKING:
     from modules.engine.app import App
 
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+J = TypeVar("J", bound=Cancellable)
 DEFAULT_MAX_TOKENS = 512
 """max_new_tokens when a request names none (ooba's default), capped to half the context."""
 
@@ -116,6 +126,35 @@ class ApiState:
 def get_state(request: Request) -> ApiState:
     """The ApiState of the FastAPI app serving `request`."""
     return request.app.state.api
+
+
+async def hold_model(request: Request, requested: str | None) -> ModelLease:
+    """The model a request's `model` field names, loaded and held (models on demand:
+    `App.model_for`), waited for off the event loop so other calls keep answering. Under
+    --strict-model-names an unknown name is OpenAI's 404, code model_not_found."""
+    try:
+        return await run_in_threadpool(get_state(request).app.model_for, requested)
+    except ModelNotFoundByNameError as exc:
+        raise ApiError(str(exc), 404, "invalid_request_error", "model", "model_not_found") from None
+
+
+async def on_model(request: Request, requested: str | None, build: Callable[[], J]) -> tuple[J, Callable[[], None]]:
+    """`build()` (a job: prompt, params, queue place) run on the model `requested` names, in the
+    threadpool; and the callback that ends it: `job.cancel()`, then the model released. Give
+    the callback where the response ends (`sse_response` and `drain` call it in `finally`)."""
+    lease = await hold_model(request, requested)
+    try:
+        job = await run_in_threadpool(build)
+    except BaseException:
+        lease.release()
+        raise
+    def end() -> None:
+        try:
+            job.cancel()
+        finally:
+            lease.release()
+
+    return job, end
 
 
 def caller_of(request: Request, genkey: str | None = None) -> Caller:

@@ -73,6 +73,13 @@ class Settings(GPTQOptions, TransformersOptions, LlamaCppOptions, ExLlamaV2Optio
                          "(API) or an error (UI).", bounds=(0, 100_000))
     gradio_auth: str | None = opt(None, "Server", 'Password-protect the UI: "user:password", several separated by commas.',
                                   persist=False)
+    idle_timeout: float = opt(0.0, "Server", "Unload the model after this many minutes without requests (fractions "
+                              "allowed) to free RAM/VRAM; the next request reloads it with the same settings. "
+                              "0 keeps it loaded.", bounds=(0, 1_000_000))
+    strict_model_names: bool = opt(False, "Server", "Answer 404 (model_not_found) to an API request whose `model` "
+                                   "names no model in the models folder, instead of using the loaded model.")
+    no_model_switching: bool = opt(False, "Server", "Never switch models for an API request's `model` field: the "
+                                   "loaded model answers every request.")
     # Other
     settings: str = opt("settings.yaml", "Other", "Settings file to load (and to save from the UI).", persist=False)
     extensions: list[str] = opt([], "Other", "Extensions to load, by folder name in extensions/.", nargs="+")

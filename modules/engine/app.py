@@ -18,7 +18,10 @@ from modules.core.settings import CLI_ONLY, Settings, resolve_path
 from modules.engine.embeddings import Embedder
 from modules.engine.extensions import ExtensionRegistry
 from modules.engine.generation import Generator
+from modules.engine.idle import IdleWatcher
 from modules.engine.model_manager import ModelManager
+from modules.engine.model_paths import register_cli_model
+from modules.engine.model_switch import ModelLease, ModelSwitcher
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,10 @@ class App:
     history: HistoryStore
     chat: ChatService
     extensions: ExtensionRegistry
+    switcher: ModelSwitcher
+    """Loads the model a request names (models on demand); see `model_for`."""
+    idle: IdleWatcher
+    """The --idle-timeout thread (running only while the timeout is set)."""
     embedder: Embedder = dataclasses.field(default_factory=Embedder)
     """Sentence embeddings (loaded on first use) for /v1/embeddings and the extensions."""
     restart_requested: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -59,9 +66,15 @@ class App:
         chat = ChatService(generator, models, renderer, save=history.save, templates=templates,
                            patterns_file=root / "models" / "config.yaml", extensions=extensions,
                            characters=characters, personas=personas)
+        switcher = ModelSwitcher(models)
+        idle = IdleWatcher(models, lambda: models.settings.idle_timeout,
+                           busy=lambda: switcher.busy or generator.waiting > 0)
         app = cls(root=root, settings=settings, models=models, generator=generator,
                   characters=characters, personas=personas,
-                  templates=templates, history=history, chat=chat, extensions=extensions)
+                  templates=templates, history=history, chat=chat, extensions=extensions,
+                  switcher=switcher, idle=idle)
+        if settings.idle_timeout > 0:
+            idle.start()
         extensions.context = app  # setup(app) may keep it, e.g. to generate through app.generator
         extensions.enable(settings.extensions)  # a broken one is logged and skipped: the app always starts
         return app
@@ -81,7 +94,16 @@ class App:
         self.settings = dataclasses.replace(self.settings, **changes)  # type: ignore[arg-type]
         self.models.settings = self.settings
         self.generator.max_queue = self.settings.max_queue
+        if self.settings.idle_timeout > 0:
+            self.idle.start()  # reads the timeout at every tick; a no-op when already running
         return self.settings
+
+    def model_for(self, requested: str | None) -> ModelLease:
+        """The one entry point of models on demand, for every API dialect: wait until the model
+        `requested` names is loaded (switching, loading or reloading it after an idle unload,
+        in arrival order) and hold it; release the lease when the request's generations end.
+        See modules/engine/model_switch.py for how names match and what the flags change."""
+        return self.switcher.acquire(requested)
 
     def set_extensions(self, names: list[str]) -> list[str]:
         """Enable `names` (in this order) from now on; returns those that loaded. Their ui() appears
@@ -104,13 +126,14 @@ class App:
         """Load `--model` if given; a failure is reported, never fatal. Returns the error text."""
         if not self.settings.model:
             return None
-        try:
-            self.models.load(self.settings.model, loader=self.settings.loader)
+        try:  # the command line may name a path anywhere (trusted: the user's own)
+            self.models.load(register_cli_model(self.models, self.settings.model), loader=self.settings.loader)
         except Exception as exc:  # noqa: BLE001 - the app must start whatever the model does
             log.error("could not load %s: %s", self.settings.model, exc)
             return str(exc)
         return None
 
     def close(self) -> None:
+        self.idle.stop()
         self.generator.close()
         self.models.unload()

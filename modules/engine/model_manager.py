@@ -4,6 +4,11 @@ It owns the one loaded model. Generations share it (several at once when the mod
 slots); a load or unload waits until none is running and lets no new one start meanwhile,
 so it never pulls the weights from under a generation.
 A failed load leaves no model loaded and the app serving, with the reason reported.
+
+It also remembers how the last model was loaded: `sleep_if_idle` unloads it when nothing
+has used it for a while (--idle-timeout, see modules/engine/idle.py) and the next `require`
+or `using` loads it again with the same loader and options (`wake`), so a caller never sees
+the difference but the wait.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +42,33 @@ log = logging.getLogger(__name__)
 _SPLIT_SHARD = "-of-0"  # "model-00002-of-00003.gguf": only the first shard is listed
 PER_MODEL_FILE = "config-user.yaml"
 """Loader and options saved per model (the Model tab's Save settings), beside the models."""
+
+
+@dataclass(frozen=True)
+class LoadArgs:
+    """How a model was loaded, to load it again the same way (after an idle unload)."""
+
+    name: str
+    loader: str | None
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What the UI shows about the model: one of "loaded", "loading", "idle" (unloaded for
+    idleness: the next request reloads it) or "none"; with the model's name where there is one."""
+
+    state: str
+    name: str | None
+
+    def text(self) -> str:
+        if self.state == "loading":
+            return f"Loading {self.name}... (requests wait for it)"
+        if self.state == "idle":
+            return f"{self.name} was unloaded after --idle-timeout; the next request reloads it."
+        if self.state == "loaded":
+            return f"{self.name} is loaded."
+        return "No model loaded."
 
 
 @dataclass(frozen=True)
@@ -88,6 +120,13 @@ class ModelManager:
         self.external: dict[str, Path] = {}
         """Models outside the folder, by name: paths given on the command line (trusted as the
         user's own; see modules/engine/model_paths.py). Never filled from a request."""
+        self.clock: Callable[[], float] = time.monotonic
+        """The idle timer's clock (tests put a fake one here)."""
+        self.last_active = self.clock()
+        """When a generation last started or ended, or a request last asked for the model."""
+        self._last_load: LoadArgs | None = None
+        self._asleep = False
+        """The last model was unloaded for idleness: the next `require` loads it again."""
         # Serialises the read-modify-write of config-user.yaml: two saves at once (two
         # browser tabs, the UI and the API) would otherwise each write back what they read
         # and one of them would be lost.
@@ -210,6 +249,8 @@ class ModelManager:
                 self.loading = None
             seconds = time.perf_counter() - start
             self._model, self._name = model, name
+            self._last_load = LoadArgs(name, None if not explicit else lname, dict(overrides or {}))
+            self.last_active = self.clock()
             self.report = LoadReport(
                 name=name, loader=lname, reason=reason, seconds=seconds,
                 context_length=model.info.context_length,
@@ -248,10 +289,66 @@ class ModelManager:
         return cls.options_class(**values)
 
     def unload(self) -> None:
+        """Unload the model (waiting for running generations); it stays unloaded."""
         with self._exclusive():
-            model, self._model, self._name, self.report = self._model, None, None, None
-            if model is not None:
-                model.unload()
+            self._asleep = False
+            self._drop()
+
+    def _drop(self) -> None:
+        model, self._model, self._name, self.report = self._model, None, None, None
+        if model is not None:
+            model.unload()
+
+    # --- idle unload ------------------------------------------------------------------
+    def touch(self) -> None:
+        """Count as activity now (a request asked for the model): restarts the idle timer."""
+        self.last_active = self.clock()
+
+    def sleep_if_idle(self, idle_s: float, busy: Callable[[], bool] = lambda: False) -> bool:
+        """Unload the model if nothing used it for `idle_s` seconds and nothing runs or waits
+        (`busy`: requests queued elsewhere); the next `require` reloads it. True if it did.
+
+        Checked under the lock with no generation running, so none can start meanwhile: a
+        stream in progress is never cut."""
+        with self._lock:
+            if (self._model is None or self._users or self._exclusive_waiting or busy()
+                    or self.clock() - self.last_active < idle_s):
+                return False
+            name = self._name
+            self._drop()
+            self._asleep = self._last_load is not None
+        log.info("unloaded %s after %.1f minutes without requests (the next request reloads it)", name, idle_s / 60)
+        return True
+
+    @property
+    def asleep(self) -> str | None:
+        """The model unloaded for idleness, which the next request reloads; else None."""
+        last = self._last_load
+        return last.name if self._asleep and last is not None else None
+
+    def wake(self) -> LoadedModel | None:
+        """Reload the model unloaded for idleness, with the loader and options it had; the
+        loaded model when there is one; None when there is nothing to reload."""
+        with self._lock:
+            last = self._last_load
+            if self._model is None and self._asleep and last is not None:
+                log.info("reloading %s (unloaded while idle)", last.name)
+                self.load(last.name, last.loader, last.overrides)
+            return self._model
+
+    def last_loaded(self) -> LoadArgs | None:
+        """How the last model was loaded (None before any load)."""
+        return self._last_load
+
+    def status(self) -> ModelStatus:
+        loading, name, asleep = self.loading, self._name, self.asleep
+        if loading:
+            return ModelStatus("loading", loading)
+        if name:
+            return ModelStatus("loaded", name)
+        if asleep:
+            return ModelStatus("idle", asleep)
+        return ModelStatus("none", None)
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -277,8 +374,18 @@ class ModelManager:
     def current(self) -> LoadedModel | None:
         return self._model
 
+    @property
+    def users(self) -> int:
+        """Generations running on the model now."""
+        return self._users
+
     def require(self) -> LoadedModel:
+        """The loaded model; one being loaded is waited for, one unloaded for idleness is
+        loaded again (`wake`). Raises ModelNotLoadedError when there is none."""
         model = self._model
+        if model is None and (self.loading or self._asleep):
+            with self._lock:  # a load holds the lock: this waits for it to end
+                model = self._model or self.wake()
         if model is None:
             raise ModelNotLoadedError("no model is loaded: pick one in the Model tab or start with --model NAME")
         return model
@@ -292,11 +399,13 @@ class ModelManager:
                 self._idle.wait()
             model = self.require()
             self._users += 1
+            self.last_active = self.clock()
         try:
             yield model
         finally:
             with self._lock:
                 self._users -= 1
+                self.last_active = self.clock()
                 self._idle.notify_all()
 
 

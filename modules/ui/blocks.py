@@ -13,6 +13,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from modules.engine.app import App
+from modules.engine.health import HealthEndpoint
 from modules.engine.web_guard import UI_MAX_UPLOAD_MIB, WebGuard, policy_for
 from modules.ui import (
     chat_tab,
@@ -32,6 +33,7 @@ def create_ui(app: App) -> gr.Blocks:
     """Build the Blocks app over `app`; the caller launches it."""
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         params = gr.State(default_params())
+        model_tab.status_badge(app)  # "unloaded while idle" / "loading X" above every tab, the Chat's too
         with gr.Tab("Chat") as chat_page:
             chat = chat_tab.create_ui(app, params, demo)
         chat_tab.refresh_on_show(app, chat, chat_page)
@@ -58,7 +60,8 @@ def launch_options(app: App | None = None) -> dict[str, Any]:
         # The same guard as the API's (Host allowlist, no cross-site requests, body cap),
         # inside gradio's own app so it runs before any of its routes.
         guard = Middleware(WebGuard, policy=policy_for(app.settings, "ui"))
-        options["app_kwargs"] = {"middleware": [guard]}
+        # /health on the UI port too (llama.cpp's readiness answer), behind the guard.
+        options["app_kwargs"] = {"middleware": [guard, Middleware(HealthEndpoint, app=app)]}
         if css := extensions_ui.css(app):
             options["css"] = css
         if js := extensions_ui.js(app):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -16,6 +17,9 @@ from modules.ui.components import setting_component
 log = logging.getLogger(__name__)
 AUTO = "auto"
 MEMORY_OPTIONS = frozenset({"ctx_size", "cache_type", "dtype", "parallel"})
+STATUS_POLL_S = 2.0
+"""How often the model status line looks for a change made elsewhere (an API request
+switching models, the idle timer unloading one)."""
 NO_MODELS = ("No models yet. Put a `.gguf` file (or a Hugging Face model folder) in `{dir}`, "
              "then press Refresh.")
 
@@ -47,6 +51,7 @@ def create_ui(app: App) -> None:
         save = gr.Button("Save settings for this model")
     memory_line = gr.Markdown(download_panel.memory_note(app, app.models.name))
     status_line = gr.Markdown(_status(app))
+    _follow_status(app, status_line, _status)
     with gr.Accordion("Download a model", open=False):
         downloaded = download_panel.create_ui(app)
 
@@ -174,8 +179,41 @@ def _describe(app: App, name: str | None, loader_name: str) -> str:
 
 
 def _status(app: App) -> str:
+    """The status line: the load report, or what the model is doing (loading, unloaded while idle)."""
+    status = app.models.status()
     report = app.models.report
-    return report.summary() if report else "No model loaded."
+    if status.state == "loaded" and report is not None:
+        return report.summary()
+    return status.text()
+
+
+def status_badge(app: App) -> Any:
+    """A line that appears (on every tab) while the model is loading or was unloaded while idle,
+    and says so: API requests switch models and the idle timer unloads them behind the UI's back."""
+    badge = gr.Markdown(_badge(app), visible=bool(_badge(app)))
+    _follow_status(app, badge, _badge, hide_empty=True)
+    return badge
+
+
+def _badge(app: App) -> str:
+    status = app.models.status()
+    return f"*{status.text()}*" if status.state in ("loading", "idle") else ""
+
+
+def _follow_status(app: App, line: Any, render: Callable[[App], str], hide_empty: bool = False) -> None:
+    """Re-render `line` every STATUS_POLL_S seconds, only when the model's status changed (so a
+    message a button left there stays until the model itself changes)."""
+    seen = gr.State(app.models.status())
+    timer = gr.Timer(STATUS_POLL_S)
+
+    def on_tick(last: Any) -> tuple[Any, Any]:
+        now = app.models.status()
+        if now == last:
+            return gr.skip(), gr.skip()
+        text = render(app)
+        return (gr.update(value=text, visible=bool(text)) if hide_empty else text), now
+
+    timer.tick(on_tick, seen, [line, seen], show_progress="hidden", queue=False)
 
 
 def _clean(value: Any) -> Any:
