@@ -196,9 +196,10 @@ def agent_options(req: ChatCompletionRequest) -> AgentOptions:
     schema, json_object = response_schema(req.response_format)
     tools = tuple({"type": "function", "function": t.function.model_dump(exclude_none=True)}
                   for t in req.tools or ())
+    strict = bool(req.response_format and req.response_format.json_schema and req.response_format.json_schema.strict)
     return AgentOptions(tools=tools, tool_choice=choice, forced_name=forced,
                         parallel_tool_calls=req.parallel_tool_calls, response_schema=schema,
-                        json_object=json_object, template_kwargs=kwargs)
+                        json_object=json_object, strict=strict, template_kwargs=kwargs)
 
 
 def response_schema(fmt: ResponseFormat | None, json_schema: dict[str, Any] | None = None

@@ -53,6 +53,8 @@ class AgentOptions:
     """The JSON schema the reply must match (response_format json_schema)."""
     json_object: bool = False
     """The reply must be a JSON object (response_format json_object)."""
+    strict: bool = False
+    """OpenAI's strict structured output: every property required, no others (modules/engine/grammars.py)."""
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     """Extra variables for the template: enable_thinking, reasoning_effort, chat_template_kwargs."""
 
@@ -93,7 +95,7 @@ class AgentOptions:
             if self.tools_on and self.tool_choice == REQUIRED:
                 raise InvalidRequestError("response_format json_schema cannot be combined with a required tool "
                                           "call", "response_format")
-            check_schema(dict(self.response_schema), "response_format.json_schema.schema")
+            check_schema(dict(self.response_schema), "response_format.json_schema.schema", strict=self.strict)
 
 
 NO_AGENT = AgentOptions()
@@ -210,7 +212,8 @@ def constraint(agent: AgentOptions, reply: ReplyFormat) -> Constraint:
     """The grammar a generation follows for `agent`: a forced call, a schema, or (lazy) any call."""
     after_thinking = (THINK_END_TRIGGER,) if reply.thinking else ()
     if agent.response_schema is not None:
-        return Constraint(json_schema_grammar(dict(agent.response_schema), "response_format"), after_thinking)
+        schema = dict(agent.response_schema)
+        return Constraint(json_schema_grammar(schema, "response_format", strict=agent.strict), after_thinking)
     if agent.json_object:
         return Constraint(json_object_grammar(), after_thinking)
     if not agent.tools_on:
