@@ -42,4 +42,6 @@ if errorlevel 1 (
   copy /y "%TEMP%\wb-req.txt" "%STAMP%" >nul
 )
 
+rem The packages of the extensions settings.yaml / CMD_FLAGS.txt / these arguments enable (once each).
+"%PY%" scripts\install_extensions.py --enabled %* || echo Some extensions' packages did not install: those extensions stay disabled.
 "%PY%" server.py %*

@@ -1,6 +1,6 @@
 """Cold start to a ready UI, and idle memory, with no model.
 
-    python bench/startup.py [--runs 5] [--idle 3] [--api] [--env NAME=VALUE] [--compare DIR]
+    python bench/startup.py [--runs 5] [--idle 3] [--api] [--nowebui] [--env NAME=VALUE] [--compare DIR]
 
 Each run spawns `server.py` (this Python, a fresh empty models folder, a settings file that
 does not exist, free loopback ports) and measures, from the spawn:
@@ -9,6 +9,9 @@ does not exist, free loopback ports) and measures, from the spawn:
 - config: until GET /config answers 200 after that (the Gradio app is built and serves its
   components: the page is really usable);
 - api: with --api, until GET /v1/models on the API answers 200;
+- with --nowebui, a variant that serves the API alone: its page and config are when GET /health on
+  the API answers 200 (what llama.cpp users poll), then GET /v1/models; the summary prints its ratio
+  to the UI start (goal: <= 1.5 s, <= 0.6 x the UI, idle RSS <= 120 MB);
 - cpu: the CPU seconds (user + system) the server had used when the page answered; on a
   busy shared machine wall time stretches, this much less (start-up is one thread);
 then, after `--idle` seconds of no requests, the resident memory (RSS, and USS: memory only
@@ -44,6 +47,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_START_S, GOAL_RSS_MB = 2.5, 250.0
+NOWEBUI_GOAL_S, NOWEBUI_GOAL_RATIO, NOWEBUI_GOAL_RSS_MB = 1.5, 0.6, 120.0
 PEER_START_S, PEER_RSS_MB = 3.8, 260.0
 HEAVY_LIBS = ("libtorch", "libllama", "libggml", "_C.cpython", "tokenizers.abi3", "safetensors_rust")
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
@@ -69,6 +73,7 @@ class Variant:
     """The checkout whose server.py runs."""
     api: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    nowebui: bool = False
 
 
 def free_port() -> int:
@@ -159,19 +164,23 @@ def one_run(variant: Variant, args: argparse.Namespace) -> Run:
         ui_port, api_port = free_port(), free_port()
         cmd = [args.python, str(variant.root / "server.py"), "--models-dir", str(tmp_path / "models"),
                "--settings", str(tmp_path / "settings.yaml"), "--listen-port", str(ui_port)]
-        if variant.api:
+        if variant.api or variant.nowebui:
             cmd += ["--api", "--api-port", str(api_port)]
+        if variant.nowebui:
+            cmd += ["--nowebui"]
         log = tmp_path / "server.log"
         with log.open("wb") as out:
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, cwd=variant.root, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env={**os.environ, **variant.env}, start_new_session=True)
         try:
-            page = wait_for(f"http://127.0.0.1:{ui_port}/", proc, t0, args.timeout, args.poll, log)
+            ready = f"http://127.0.0.1:{api_port}/health" if variant.nowebui else f"http://127.0.0.1:{ui_port}/"
+            page = wait_for(ready, proc, t0, args.timeout, args.poll, log)
             cpu = tree_cpu(proc.pid)
-            config = wait_for(f"http://127.0.0.1:{ui_port}/config", proc, t0, args.timeout, args.poll, log)
+            config = page if variant.nowebui else wait_for(f"http://127.0.0.1:{ui_port}/config", proc, t0,
+                                                           args.timeout, args.poll, log)
             api_s = (wait_for(f"http://127.0.0.1:{api_port}/v1/models", proc, t0, args.timeout, args.poll, log)
-                     if variant.api else None)
+                     if variant.api or variant.nowebui else None)
             time.sleep(args.idle)
             rss, uss, count, heavy = tree_memory(proc.pid)
         finally:
@@ -184,6 +193,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=5, help="runs of each variant (default 5)")
     parser.add_argument("--idle", type=float, default=3.0, help="seconds idle before reading memory (default 3)")
     parser.add_argument("--api", action="store_true", help="also run a variant with --api, interleaved")
+    parser.add_argument("--nowebui", action="store_true", help="also run a variant with --nowebui (API only)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="also run a variant with this environment variable set (repeatable)")
     parser.add_argument("--compare", action="append", default=[], type=Path, metavar="DIR",
@@ -219,6 +229,13 @@ def print_summary(runs: list[Run], variants: list[str]) -> None:
               f"{rss / PEER_RSS_MB:>8.2f}")
     print(f"goal: page <= {GOAL_START_S} s, RSS <= {GOAL_RSS_MB:.0f} MB (ratio <= 1.00 meets it); "
           f"peer: {PEER_START_S} s, {PEER_RSS_MB:.0f} MB")
+    headless = [r for r in runs if r.variant == "nowebui"]
+    if headless:
+        ready = statistics.median(r.page_s for r in headless)
+        rss = statistics.median(r.rss_mb for r in headless)
+        ui = statistics.median(r.page_s for r in runs if r.variant == "ui")
+        print(f"nowebui: ready (/health 200) {ready:.2f} s (goal <= {NOWEBUI_GOAL_S} s), {ready / ui:.2f} x the UI "
+              f"start (goal <= {NOWEBUI_GOAL_RATIO}), idle RSS {rss:.0f} MB (goal <= {NOWEBUI_GOAL_RSS_MB:.0f} MB)")
 
 
 def main() -> int:
@@ -226,6 +243,8 @@ def main() -> int:
     variants = [Variant("ui", ROOT)]
     if args.api:
         variants.append(Variant("ui+api", ROOT, api=True))
+    if args.nowebui:
+        variants.append(Variant("nowebui", ROOT, nowebui=True))
     for item in args.env:
         name, sep, value = item.partition("=")
         if not sep or not name:

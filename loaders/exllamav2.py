@@ -44,6 +44,7 @@ from typing import Any
 from loaders import register_loader
 from loaders.base import FALLBACK_CONTEXT, Capabilities, LoaderBase, ModelInfo, Step, auto_context, check_prompt_ids
 from loaders.exllamav2_sampler import SamplerPlan, breaker_token_ids, sampler_settings
+from loaders.grammar_mask import GrammarCompiler, GrammarMatcher
 from loaders.hf_folder import HfTokenizer, HfTokens, load_tokenizer, read_config, tokenizer_info
 from loaders.torch_samplers import apply_top_n_sigma, raw_logprobs, token_logprobs
 from modules.core.errors import (
@@ -266,7 +267,8 @@ class ExLlamaV2Loader(HfTokens, LoaderBase):
     install_hint = INSTALL_HINT
     options_class = ExLlamaV2Options
     # top_n_sigma is logits processing of ours (before exllamav2's sampler); mirostat is 2.0 only.
-    capabilities = Capabilities(samplers=frozenset(SAMPLER_NAMES), grammar=False, devices=("cuda",), logprobs=True)
+    # Grammars: llguidance's mask on the logits before exllamav2's sampler (loaders/grammar_mask.py).
+    capabilities = Capabilities(samplers=frozenset(SAMPLER_NAMES), grammar=True, devices=("cuda",), logprobs=True)
 
     def __init__(self, backend: Any, parts: dict[str, Any], info: ModelInfo) -> None:
         self._torch = backend["torch"]
@@ -280,6 +282,8 @@ class ExLlamaV2Loader(HfTokens, LoaderBase):
         self._valid_vocab = min(int(self._exl_tokenizer.get_vocab_size()), info.vocab_size)
         self._tokens = HfTokenizer(parts["tokenizer"], name=info.name, bos_token_id=info.bos_token_id,
                                    vocab_size=self._valid_vocab)
+        self._grammars = GrammarCompiler(parts["tokenizer"], eos_token_ids=info.eos_token_ids,
+                                         vocab_size=info.vocab_size)
         self._cached: list[int] = []  # tokens whose keys/values are in the cache, in order
         self._epoch = 0
         self._lock = threading.Lock()
@@ -343,12 +347,14 @@ class ExLlamaV2Loader(HfTokens, LoaderBase):
         TokenLogprobs (top N, from the raw logits).
 
         Raises InvalidRequestError (empty prompt, prompt ids outside the vocabulary,
-        Mirostat 1, bans of every token), ContextLengthExceededError, GenerationError (the
-        GPU failed).
+        Mirostat 1, bans of every token, an invalid grammar), ContextLengthExceededError,
+        GenerationError (the GPU failed).
         """
         self._require(self._model)
         self._check_prompt(prompt_ids)
         plan = sampler_settings(params, self.info.eos_token_ids, self._valid_vocab)
+        grammar = self._grammars.matcher(params.grammar_string, params.grammar_triggers) \
+            if params.grammar_string else None
         settings = self._settings(plan)
         rng = random.Random(params.seed if params.seed is not None else secrets.randbits(64))
         with self._lock:
@@ -365,11 +371,11 @@ class ExLlamaV2Loader(HfTokens, LoaderBase):
         last = prompt_ids[-1]
         while not stop_event.is_set() and self._epoch == epoch:
             logits = self._step(last)
-            step = self._sample(logits, settings, plan, history[:, :count], rng, params.logprobs)
+            step = self._sample(logits, settings, plan, history[:, :count], rng, params.logprobs, grammar)
             history[0, count] = step.token
             count += 1
             yield step
-            if count >= context:
+            if count >= context or (grammar is not None and grammar.done):
                 return
             last = step.token
 
@@ -422,13 +428,29 @@ class ExLlamaV2Loader(HfTokens, LoaderBase):
             raise GenerationError(f"exllamav2 failed {doing}: {exc}") from exc
 
     def _sample(
-        self, logits: Any, settings: Any, plan: SamplerPlan, sequence: Any, rng: random.Random, want: int
+        self, logits: Any, settings: Any, plan: SamplerPlan, sequence: Any, rng: random.Random, want: int,
+        grammar: GrammarMatcher | None = None,
     ) -> Step:
         """One token from (1, 1, vocab) logits with exllamav2's sampler (which edits them in
-        place), with its raw logprobs (top `want`) when `want` > 0."""
-        torch = self._torch
+        place), with its raw logprobs (top `want`) when `want` > 0; under `grammar`, the
+        logits are masked first and the grammar advances on the token."""
         valid = logits[0, 0, : self._valid_vocab]
         raw = raw_logprobs(valid, self._valid_vocab) if want else None
+        forced = grammar.forced() if grammar is not None else None
+        if forced is not None:
+            tid = forced  # the grammar is complete and only EOS may follow
+        else:
+            if grammar is not None:
+                grammar.mask(logits[0, 0])
+            tid = self._draw(logits, settings, plan, sequence, rng)
+        if grammar is not None:
+            grammar.advance(tid)
+        return Step(tid, token_logprobs(raw, tid, want) if raw is not None else None)
+
+    def _draw(self, logits: Any, settings: Any, plan: SamplerPlan, sequence: Any, rng: random.Random) -> int:
+        """exllamav2's sampler on the (1, 1, vocab) logits, after our top_n_sigma and the bias."""
+        torch = self._torch
+        valid = logits[0, 0, : self._valid_vocab]
         if plan.top_n_sigma > 0:
             apply_top_n_sigma(valid, sequence, plan.top_n_sigma)
         if plan.token_bias and getattr(settings, "token_bias", None) is None:
@@ -443,8 +465,7 @@ class ExLlamaV2Loader(HfTokens, LoaderBase):
             raise GenerationError(f"exllamav2's sampler failed: {exc}") from exc
         finally:
             settings.dry_multiplier = dry
-        tid = int(token[0, 0])
-        return Step(tid, token_logprobs(raw, tid, want) if raw is not None else None)
+        return int(token[0, 0])
 
     def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
         check_prompt_ids(prompt_ids, self.info.context_length, self._valid_vocab,

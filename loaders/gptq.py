@@ -54,7 +54,7 @@ class GPTQLoader(TransformersLoader):
     install_hint = INSTALL_HINT
     options_class = GPTQOptions
     # The Transformers loader's token loop and torch sampler chain run on this model's logits:
-    # the same samplers, logprobs and devices, and no grammars either.
+    # the same samplers, logprobs, devices and grammars (llguidance's mask, loaders/grammar_mask.py).
     capabilities = TransformersLoader.capabilities
 
     @classmethod

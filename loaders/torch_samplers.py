@@ -444,6 +444,10 @@ class SamplerChain:
     generation.
     """
 
+    done = False
+    """Never set on a plain chain; a grammar's ConstrainedChain sets it once the grammar ended
+    the reply (loaders/grammar_mask.py): the loaders' one check for both."""
+
     def __init__(
         self,
         params: SamplingParams,

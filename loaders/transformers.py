@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from loaders import PICKLE_SUFFIXES, register_loader
 from loaders.base import Capabilities, LoaderBase, ModelInfo, Step, auto_context, check_prompt_ids
+from loaders.grammar_mask import ConstrainedChain, GrammarCompiler
 from loaders.hf_folder import HfTokenizer, HfTokens, check_remote_code, load_tokenizer, read_config, tokenizer_info
 from loaders.torch_samplers import SamplerChain, dry_breaker_sequences, raw_logprobs, token_logprobs
 from loaders.transformers_batch import BatchRequest, BatchScheduler
@@ -66,7 +67,8 @@ class TransformersLoader(HfTokens, LoaderBase):
     """What `load()` imports; unavailable, naming the missing ones, without any of them."""
     install_hint = INSTALL_HINT
     options_class = TransformersOptions
-    capabilities = Capabilities(samplers=frozenset(SAMPLER_NAMES), grammar=False, devices=("cpu", "cuda"),
+    # Grammars through llguidance (loaders/grammar_mask.py), masked before the samplers.
+    capabilities = Capabilities(samplers=frozenset(SAMPLER_NAMES), grammar=True, devices=("cpu", "cuda"),
                                 logprobs=True)
 
     def __init__(self, model: Any, tokenizer: Any, info: ModelInfo) -> None:
@@ -78,6 +80,7 @@ class TransformersLoader(HfTokens, LoaderBase):
         self._valid_vocab = min(len(tokenizer), info.vocab_size)
         self._tokens = HfTokenizer(tokenizer, name=info.name, bos_token_id=info.bos_token_id,
                                    vocab_size=self._valid_vocab)
+        self._grammars = GrammarCompiler(tokenizer, eos_token_ids=info.eos_token_ids, vocab_size=self._logits_size)
         self.parallel = 1
         """Generations served at once (see loaders.base.concurrency_of)."""
         self._scheduler: BatchScheduler | None = None
@@ -234,7 +237,7 @@ class TransformersLoader(HfTokens, LoaderBase):
             history[count] = token
             count += 1
             yield Step(token, numbers)
-            if count >= context or stop_event.is_set():
+            if count >= context or stop_event.is_set() or chain.done:
                 return
             logits, cache = self._forward(model, history[count - 1 : count], cache)
 
@@ -303,8 +306,12 @@ class TransformersLoader(HfTokens, LoaderBase):
     def _check_prompt(self, prompt_ids: Sequence[int]) -> None:
         check_prompt_ids(prompt_ids, self.info.context_length, self._logits_size)
 
-    def _new_chain(self, params: SamplingParams) -> SamplerChain:
-        return SamplerChain(
+    def _new_chain(self, params: SamplingParams) -> SamplerChain | ConstrainedChain:
+        """The request's samplers; under `grammar_string`, wrapped in its grammar (compiled
+        here, before the first token: a bad one is an InvalidRequestError)."""
+        matcher = self._grammars.matcher(params.grammar_string, params.grammar_triggers) \
+            if params.grammar_string else None
+        chain = SamplerChain(
             params,
             vocab_size=self._logits_size,
             device=self._device,
@@ -312,6 +319,7 @@ class TransformersLoader(HfTokens, LoaderBase):
             dry_breakers=self._dry_breakers(params),
             valid_vocab=self._valid_vocab,
         )
+        return chain if matcher is None else ConstrainedChain(chain, matcher)
 
     def _dry_breakers(self, params: SamplingParams) -> list[tuple[int, ...]]:
         """DRY's breaker strings as token sequences (worked out once per distinct list)."""

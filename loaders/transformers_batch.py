@@ -43,6 +43,8 @@ from modules.core.errors import GenerationError, ModelNotLoadedError
 if TYPE_CHECKING:
     import torch
 
+    from loaders.grammar_mask import ConstrainedChain
+
 log = logging.getLogger(__name__)
 
 #: Prompt tokens per forward while other rows are decoding: they wait for one chunk per step.
@@ -64,7 +66,8 @@ class BatchRequest:
     """Context-sized 1-D long tensor: prompt, then the sampled tokens."""
     count: int
     """Tokens in `history` so far (the prompt length until the first token)."""
-    chain: SamplerChain
+    chain: SamplerChain | ConstrainedChain
+    """Its own samplers (and grammar): one per request, each row sampled with its own."""
     stop_event: threading.Event
     logprobs: int = 0
     """Top-N log-probabilities wanted with each token (0: none)."""
@@ -247,7 +250,8 @@ class BatchScheduler:
         self._remove_rows(finished)
 
     def _sample(self, request: BatchRequest, logits: torch.Tensor) -> bool:
-        """Sample `request`'s next token from its row's logits and hand it over; False if it failed."""
+        """Sample `request`'s next token from its row's logits and hand it over; False if it
+        failed or its grammar ended the reply (the row is then done)."""
         try:
             want = request.logprobs
             raw = raw_logprobs(logits, self._valid_vocab) if want else None
@@ -259,6 +263,9 @@ class BatchScheduler:
         request.history[request.count] = token
         request.count += 1
         request.out.put(Step(token, numbers))
+        if request.chain.done:
+            request.out.put(_END)
+            return False
         return True
 
     # --- the batched cache ---------------------------------------------------------------

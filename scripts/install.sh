@@ -4,6 +4,8 @@
 # was installed, and a second run with unchanged requirements returns in well under a second.
 #
 # Usage: scripts/install.sh [--dev]     (--dev adds the test tools of requirements-dev.txt)
+#        scripts/install.sh --extensions NAME...   (only those extensions' packages, into the
+#        existing environment: extensions/NAME/requirements.txt, see scripts/install_extensions.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +13,13 @@ ENV_DIR=installer_files/env
 PYTHON=${PYTHON:-python3}
 DEV=0
 [ "${1:-}" = "--dev" ] && DEV=1
+
+if [ "${1:-}" = "--extensions" ]; then
+  shift
+  [ $# -gt 0 ] || { echo "Usage: scripts/install.sh --extensions NAME..." >&2; exit 2; }
+  [ -x "$ENV_DIR/bin/python" ] || { echo "No environment in $ENV_DIR yet: run scripts/install.sh first." >&2; exit 1; }
+  exec "$ENV_DIR/bin/python" scripts/install_extensions.py "$@"
+fi
 
 if [ -x "$ENV_DIR/bin/python" ]; then :; else
   command -v "$PYTHON" >/dev/null || { echo "Python 3.10 or newer is needed (set PYTHON=/path/to/python3)." >&2; exit 1; }

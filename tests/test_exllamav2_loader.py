@@ -105,7 +105,7 @@ def test_registered_with_options_and_capabilities() -> None:
     assert get_loader("exllamav2") is ExLlamaV2Loader
     assert ExLlamaV2Loader.options_class is ExLlamaV2Options
     caps = ExLlamaV2Loader.capabilities
-    assert caps.samplers == frozenset(SAMPLER_NAMES) and caps.logprobs and not caps.grammar
+    assert caps.samplers == frozenset(SAMPLER_NAMES) and caps.logprobs and caps.grammar
     assert caps.devices == ("cuda",)
 
 
@@ -493,7 +493,7 @@ class FakeTokenizer:
         return 50
 
 
-def fake_loaded(context: int = 32) -> tuple[ExLlamaV2Loader, FakeModel]:
+def fake_loaded(context: int = 32, tokenizer: Any = None) -> tuple[ExLlamaV2Loader, FakeModel]:
     import torch
 
     model = FakeModel()
@@ -501,7 +501,7 @@ def fake_loaded(context: int = 32) -> tuple[ExLlamaV2Loader, FakeModel]:
     info = ModelInfo(name="fake", path=Path("fake"), loader="exllamav2", context_length=context, vocab_size=VOCAB,
                      bos_token_id=1, eos_token_ids=(2,))
     parts = {"model": model, "cache": FakeCache(context), "exl_tokenizer": FakeTokenizer(),
-             "tokenizer": SimpleNamespace()}
+             "tokenizer": tokenizer if tokenizer is not None else SimpleNamespace()}
     loader = ExLlamaV2Loader({"torch": torch, "exllamav2": None, "sampler": FakeSampler}, parts, info)
     return loader, model
 
@@ -577,6 +577,29 @@ def test_bias_bans_and_logprobs_reach_the_sampler() -> None:
     assert take_steps(loader.generate([1, 10], params.replace(logprobs=0), threading.Event()), 1)[0].logprobs is None
     with pytest.raises(InvalidRequestError, match="Mirostat 2.0 only"):
         list(loader.generate([1, 10], SamplingParams(mirostat_mode=1), threading.Event()))
+
+
+def test_a_grammar_masks_the_logits_before_exllamav2s_sampler(tiny_kit: Any) -> None:
+    """The grammar path on CPU, over the fake model (whose favourite is last + 1) and the kit's
+    tokenizer: the grammar's tokens win, then EOS (id 2 here) ends the reply. Untested on a GPU."""
+    pytest.importorskip("llguidance")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_kit.hf_dir))
+    digits = tokenizer.convert_tokens_to_ids(["0", "1", "2"])
+    assert all(4 <= d < 50 for d in digits)  # inside the fake's 50 real tokens
+    loader, _ = fake_loaded(tokenizer=tokenizer)
+    grammar = "root ::= [0-2] [0-2]"
+    steps = list(loader.generate([1, 10], SamplingParams(temperature=0, grammar_string=grammar, logprobs=2),
+                                 threading.Event()))
+    # The fake wants 11 (masked): the first digit allowed wins, then the fake's own "next" (1), then EOS.
+    assert [s.token for s in steps] == [digits[0], digits[1], 2]
+    assert all(s.logprobs is not None and s.logprobs.top[0][0] != s.token for s in steps[:1])
+    lazy = SamplingParams(temperature=0, grammar_string=grammar, grammar_triggers=["NEVER"])
+    assert take(loader.generate([1, 10], lazy, threading.Event()), 3) == [11, 12, 13]  # free: the fake's own
+    with pytest.raises(InvalidRequestError, match="end of input") as caught:
+        list(loader.generate([1, 10], SamplingParams(grammar_string='root ::= "a'), threading.Event()))
+    assert caught.value.param == "grammar_string"
 
 
 def test_unload_frees_and_later_calls_say_so() -> None:

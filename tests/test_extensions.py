@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -213,20 +214,38 @@ def test_translate_through_the_model_itself(app, fake):
     assert app.extensions.drain_errors() == []
 
 
-def test_translate_without_deep_translator_is_reported_not_fatal(app, fake):
-    try:
-        import deep_translator  # noqa: F401
-        pytest.skip("deep-translator is installed: this test is about its absence")
-    except ImportError:
-        pass
-    _translate_ext(app)
+class _Unreachable:
+    calls = 0
+
+    def translate(self, text: str, source: str, target: str) -> str:
+        type(self).calls += 1
+        raise ConnectionError("translate.google.com unreachable")
+
+
+def test_translate_falls_back_to_the_model_offline_and_says_so(app, fake, caplog):
+    module = _translate_ext(app)
+    module.ENGINES["google"] = _Unreachable
+    _Unreachable.calls = 0
     app.extensions.set_param("translate", "engine", "google")
-    fake.script = script_text(" fine") + [EOS]
-    chat = app.chat.new_chat(SETUP)
-    app.chat.send(chat, "Salut", SETUP, PARAMS).result()
-    assert chat.messages[-2].content == "Salut" and chat.messages[-1].shown == "fine"
+    fake.script = script_text(" Good day") + [EOS]
+    with caplog.at_level(logging.INFO):
+        assert module.input_modifier("Bonjour", {}, True) == "Good day"
+        assert module.input_modifier("Bonjour", {}, True) == "Good day"
+    assert module.last_engine() == "model"
+    assert _Unreachable.calls == 1  # not retried at every message
+    said = [r.getMessage() for r in caplog.records if "translate: using" in r.getMessage()]
+    assert len(said) == 1 and "offline fallback" in said[0] and "unreachable" in said[0]
+    assert "from French to English" in seen(fake)
+    assert app.extensions.drain_errors() == []
+
+
+def test_translate_without_online_engine_nor_model_is_reported_not_fatal(app):
+    module = _translate_ext(app)
+    module.ENGINES["google"] = _Unreachable
+    app.extensions.set_param("translate", "engine", "google")
+    assert app.extensions.chain("input_modifier", "Salut", {}, True) == "Salut"
     errors = app.extensions.drain_errors()
-    assert len(errors) == 2 and all("deep-translator" in e for e in errors)  # input_modifier, output_modifier
+    assert len(errors) == 1 and "no model is loaded" in errors[0]
 
 
 def _bag_of_words(text: str) -> list[float]:

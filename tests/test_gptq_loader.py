@@ -55,7 +55,7 @@ def test_registered_with_its_options_and_capabilities() -> None:
     assert get_loader("gptq") is GPTQLoader
     assert GPTQLoader.options_class is GPTQOptions
     assert GPTQLoader.capabilities.samplers == frozenset(SAMPLER_NAMES)
-    assert GPTQLoader.capabilities.logprobs and not GPTQLoader.capabilities.grammar
+    assert GPTQLoader.capabilities.logprobs and GPTQLoader.capabilities.grammar
     assert set(GPTQLoader.capabilities.devices) == {"cpu", "cuda"}
 
 
@@ -519,3 +519,27 @@ def test_gpu_gptq_generates_and_agrees_with_transformers_fp16(gpu_gptq: tuple[Pa
         assert rate >= GPU_AGREEMENT_THRESHOLD, rates
     finally:
         model.unload()
+
+
+@needs_gptqmodel
+def test_a_json_grammar_yields_schema_valid_json_on_the_quantised_model(gptq_model: GPTQLoader) -> None:
+    """Sampled at temperature 1 from random weights: only the grammar makes the output valid."""
+    pytest.importorskip("llguidance")
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    from tests.test_grammar_mask import PERSON_GBNF, PERSON_SCHEMA, YES_NO
+
+    ids = gptq_model.encode("The keeper said")
+    eos = gptq_model.info.eos_token_ids
+    for seed, grammar in ((0, PERSON_GBNF), (1, PERSON_GBNF), (2, YES_NO)):
+        tokens = []
+        params = SamplingParams(temperature=1.0, seed=seed, grammar_string=grammar)
+        for step in islice(gptq_model.generate(ids, params, threading.Event()), 200):
+            tokens.append(step.token)
+            if step.token in eos:
+                break
+        assert tokens[-1] in eos
+        text = gptq_model.decode(tokens[:-1])
+        if grammar == YES_NO:
+            assert text in ("yes", "no")
+        else:
+            assert jsonschema_rs.is_valid(PERSON_SCHEMA, json.loads(text)), text

@@ -192,6 +192,20 @@ def test_a_grammar_is_honoured_or_refused_by_name(served: Served) -> None:
     assert err.value.param == "grammar_string"
 
 
+def test_under_a_grammar_stop_strings_and_logprobs_still_apply(served: Served) -> None:
+    model = served.load()
+    if not model.capabilities.grammar:
+        pytest.skip(f"{served.loader} has no grammars (the refusal is checked above)")
+    want = 2 if model.capabilities.logprobs else 0
+    params = GREEDY.replace(grammar_string='root ::= "yes, no" | "no, yes"', ban_eos_token=False, stop=[","],
+                            logprobs=want)
+    chunks = served.run(params=params)
+    assert chunks[-1].text in ("yes", "no") and chunks[-1].finish_reason == "stop"
+    described = [lp for c in chunks for lp in c.logprobs]
+    assert (len(described) > 0) == bool(want)
+    assert all(len(lp.top) == want and lp.logprob <= 0 for lp in described)
+
+
 # --- error shapes ------------------------------------------------------------------------------
 def test_an_empty_or_oversized_prompt_is_refused_with_its_error(served: Served) -> None:
     model = served.load()

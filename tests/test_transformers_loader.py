@@ -72,7 +72,7 @@ def test_registered_with_its_options_and_capabilities() -> None:
     assert TransformersLoader.options_class is TransformersOptions
     assert "dry" in TransformersLoader.capabilities.samplers
     assert "mirostat" in TransformersLoader.capabilities.samplers
-    assert TransformersLoader.capabilities.grammar is False
+    assert TransformersLoader.capabilities.grammar is True
 
 
 def test_info(model: TransformersLoader, tiny_kit: TinyKit) -> None:

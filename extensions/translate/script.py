@@ -4,13 +4,16 @@ input_modifier translates what you type into English and output_modifier transla
 reply back; the chat keeps both texts (the English one is what the model reads, yours is
 what the UI shows). Two engines behind one small Translator interface:
 - google: Google Translate through the `deep-translator` package (online; imported only
-  when used: `pip install deep-translator`);
+  when used; scripts/install.sh --extensions translate installs it); when it is unreachable
+  (offline, or the package is missing) the loaded model translates instead, and the log says
+  so once per switch (`last_engine()` tells which engine did the last translation);
 - model: the loaded model itself, with a translation prompt (offline, slower).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -30,6 +33,9 @@ params: dict[str, Any] = {
 }
 
 _app: Any = None
+RETRY_ONLINE_S = 300.0
+"""After the online engine failed, the model translates for this long before it is tried again
+(an unreachable host can take a network timeout per message)."""
 
 
 class Translator(Protocol):
@@ -45,7 +51,7 @@ class GoogleTranslator:
         try:
             from deep_translator import GoogleTranslator as Google
         except ImportError:
-            raise RuntimeError("the google engine needs `pip install deep-translator`") from None
+            raise RuntimeError("the google engine needs deep-translator: scripts/install.sh --extensions translate") from None
         return str(Google(source=source, target=target).translate(text))
 
 
@@ -83,13 +89,53 @@ def setup(app: Any = None) -> None:
     _app = app
 
 
+class _Fallback:
+    """Which engine translated last, and until when the online one is skipped after a failure."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+        self.online_down_until = 0.0
+
+    def used(self, name: str, why: str = "") -> None:
+        if name != self.last:
+            log.info("translate: using the %s engine%s", name, why)
+        self.last = name
+
+
+_fallback = _Fallback()
+
+
+def last_engine() -> str | None:
+    """The engine that did the last translation ("google", "model", ...), None before the first."""
+    return _fallback.last
+
+
 def _translate(text: str, source: str, target: str) -> str:
     if not params.get("activate") or source == target or not text.strip():
         return text
-    engine = ENGINES.get(str(params.get("engine")))
+    name = str(params.get("engine"))
+    engine = ENGINES.get(name)
     if engine is None:
-        raise ValueError(f"unknown translation engine {params.get('engine')!r}; use {', '.join(ENGINES)}")
-    return engine().translate(text, source, target)
+        raise ValueError(f"unknown translation engine {name!r}; use {', '.join(ENGINES)}")
+    if name != "google":
+        _fallback.used(name)
+        return engine().translate(text, source, target)
+    if time.monotonic() >= _fallback.online_down_until:
+        try:
+            result = engine().translate(text, source, target)
+        except Exception as exc:  # noqa: BLE001 - offline, blocked, package missing: the model takes over
+            _fallback.online_down_until = time.monotonic() + RETRY_ONLINE_S
+            reason = f"{type(exc).__name__}: {exc}"
+        else:
+            _fallback.used(name)
+            return result
+    else:
+        reason = "it failed a moment ago"
+    if _app is None or _app.models.current is None:
+        raise RuntimeError(f"the google engine is unreachable ({reason}) and no model is loaded to translate "
+                           "offline: load one, or install deep-translator and get online")
+    _fallback.used("model", f" (offline fallback: google is unreachable: {reason})")
+    return ENGINES["model"]().translate(text, source, target)
 
 
 def input_modifier(text: str, state: dict[str, Any], is_chat: bool = False) -> str:
@@ -112,7 +158,7 @@ def ui() -> None:
         language = gr.Dropdown(list(LANGUAGES), value=names.get(str(params["language"]), "French"),
                                label="Your language")
         engine = gr.Radio(["google", "model"], value=str(params["engine"]), label="Engine",
-                          info="google: online (pip install deep-translator); model: the loaded model, offline")
+                          info="google: online (the loaded model when offline); model: the loaded model, offline")
     activate.change(lambda v: params.update(activate=bool(v)), activate, None, api_visibility="private")
     language.change(lambda v: params.update(language=LANGUAGES.get(v, "en")), language, None,
                     api_visibility="private")

@@ -19,6 +19,7 @@ Nothing here imports gradio: `ui()` is called by modules/ui inside its own Block
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import inspect
 import logging
@@ -72,6 +73,10 @@ HOOKS: dict[str, HookSpec] = {
 GENERATION_ORDER = ("state_modifier", "chat_input_modifier", "input_modifier", "history_modifier",
                     "custom_generate_chat_prompt", "bot_prefix_modifier", "custom_generate_reply",
                     "tokenizer_modifier", "output_modifier")
+REQUIREMENT_FILES = ("requirements.txt", "requirements-nodeps.txt")
+"""An extension's packages (pinned), installed by scripts/install.sh --extensions NAME; the second
+file with --no-deps (a package whose declared dependencies we do not want). A line ending in
+`# optional` is installed but not needed to enable the extension."""
 _UI_KEYS = ("display_name", "is_tab")
 """`params` keys that describe the extension rather than being settings."""
 
@@ -127,6 +132,39 @@ def check_hook(fn: object, spec: HookSpec) -> tuple[int, str | None]:
     return 0, f"its parameters ({', '.join(sig.parameters)}) do not fit ({wanted})"
 
 
+def missing_packages(folder: Path, name: str) -> list[str]:
+    """The packages `folder/NAME`'s requirement files name (not `# optional`) that are not installed."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    missing = []
+    for path in (folder / name / file for file in REQUIREMENT_FILES):
+        if not path.is_file():
+            continue
+        for raw in path.read_text(encoding="utf-8").splitlines():
+            line, _, comment = raw.partition("#")
+            line = line.strip()
+            if not line or line.startswith("-") or comment.strip() == "optional":
+                continue
+            try:
+                req = Requirement(line)
+            except InvalidRequirement:
+                log.warning("extensions/%s/%s: cannot read %r", name, path.name, line)
+                continue
+            if req.marker is not None and not req.marker.evaluate():
+                continue
+            try:
+                importlib.metadata.version(req.name)
+            except importlib.metadata.PackageNotFoundError:
+                missing.append(req.name)
+    return missing
+
+
+def install_command(name: str) -> str:
+    """What to run to install extension `name`'s packages (any platform's start script runs it too)."""
+    return (f"scripts/install.sh --extensions {name} (Windows: installer_files\\env\\Scripts\\python "
+            f"scripts\\install_extensions.py {name})")
+
+
 def load_script(folder: Path, name: str) -> Extension:
     """Import `folder/NAME/script.py` under a private module name and check its hooks.
 
@@ -137,6 +175,9 @@ def load_script(folder: Path, name: str) -> Extension:
     path = folder / name / "script.py"
     if not path.is_file():
         raise WorkbenchError(f"there is no extensions/{name}/script.py")
+    missing = missing_packages(folder, name)
+    if missing:  # refused before its import: never a traceback at every message
+        raise WorkbenchError(f"it needs {', '.join(missing)} (not installed); install with: {install_command(name)}")
     module_name = f"workbench_extensions.{name}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None

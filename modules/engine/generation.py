@@ -535,7 +535,8 @@ def _check_capabilities(model: LoadedModel, params: SamplingParams) -> None:
     caps = model.capabilities
     if params.grammar_string and not caps.grammar:
         raise InvalidRequestError(
-            f"the {model.info.loader} loader does not support grammars; use a GGUF model with llama.cpp",
+            f"the {model.info.loader} loader does not support grammars; use llama.cpp (GGUF), Transformers, "
+            "GPTQ or ExLlamaV2",
             "grammar_string",
         )
     if params.logprobs and not caps.logprobs:
