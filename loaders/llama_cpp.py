@@ -82,6 +82,8 @@ class LlamaCppLoader(LoaderBase):
         # Guards the vocabulary and the engine's lifetime: tokenizer calls (allowed during
         # a generation), new generations and unload() never overlap.
         self._vocab_lock = threading.Lock()
+        self._pieces: tuple[dict[int, bytes], dict[int, bytes]] = ({}, {})
+        """Each token's text, without and with special tokens rendered (see decode)."""
 
     @property
     def last_reused_tokens(self) -> int:
@@ -150,29 +152,38 @@ class LlamaCppLoader(LoaderBase):
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
-        """Text of `ids`; incomplete UTF-8 comes back as U+FFFD.
+        """Text of `ids`: the tokens' pieces joined; incomplete UTF-8 comes back as U+FFFD.
 
-        Uses llama_detokenize rather than Llama.detokenize, whose 32-byte piece buffer
-        silently truncates long tokens (runs of spaces in code vocabularies).
+        Pieces, as llama-server streams them, not llama_detokenize: for vocabularies whose
+        `clean_spaces` is set (GPT-2-style BPE) that one drops the space before punctuation
+        (" ," -> ","), so the text of a window and of that window plus one token disagree and
+        the streamed deltas lost characters (a grammar's "," vanished from JSON output). Each
+        piece is read once per model (llama_token_to_piece, sized on demand, so long tokens
+        are never truncated) and cached.
         """
         n_vocab = self.info.vocab_size
         if ids and (min(ids) < 0 or max(ids) >= n_vocab):
             bad = next(t for t in ids if not 0 <= t < n_vocab)
             raise InvalidRequestError(f"token id {bad} is outside the vocabulary (0-{n_vocab - 1})", "tokens")
+        cache = self._pieces[0 if skip_special else 1]
+        missing = {t for t in ids if t not in cache}
+        if missing:
+            with self._vocab_lock:
+                self._require_loaded()
+                for token in missing:
+                    cache[token] = self._piece(token, not skip_special)
+        return b"".join([cache[t] for t in ids]).decode("utf-8", errors="replace")
+
+    def _piece(self, token: int, special: bool) -> bytes:
         lib = self._lib
-        tokens = (lib.llama_token * len(ids))(*ids)
-        size = 16 * len(ids) + 64
-        with self._vocab_lock:
-            self._require_loaded()
-            if not ids:
-                return ""
-            for _ in range(2):
-                buf = ctypes.create_string_buffer(size)
-                n = lib.llama_detokenize(self._vocab, tokens, len(ids), buf, size, False, not skip_special)
-                if n >= 0:
-                    return buf.raw[:n].decode("utf-8", errors="replace")
-                size = -n + 1  # a negative result is the size it needs
-        raise GenerationError(f"llama.cpp could not detokenize {len(ids)} tokens")
+        size = 32
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = lib.llama_token_to_piece(self._vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n + 1  # a negative result is the size it needs
+        raise GenerationError(f"llama.cpp could not read token {token}'s text")
 
     # --- generation ------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams, stop_event: threading.Event) -> Iterator[Step]:

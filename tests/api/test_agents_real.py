@@ -66,7 +66,7 @@ def agent_client(tiny_kit, tmp_path_factory):
     config = json.loads((models / HF / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (models / HF / "tokenizer_config.json").write_text(json.dumps(config))
-    app = App.create(Settings(models_dir=str(models), threads=1, threads_batch=1, ctx_size=1024, cpu=True), models)
+    app = App.create(Settings(models_dir=str(models), threads=1, threads_batch=1, ctx_size=2048, cpu=True), models)
     with TestClient(create_app(app), base_url=LOCAL, raise_server_exceptions=False) as client:
         yield app, client
     app.close()
@@ -93,11 +93,21 @@ def _check_call(name: str, arguments: str) -> None:
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_required_gives_a_schema_valid_call(loaded, seed):
-    body = _chat(loaded, tools=[WEATHER, TIME], tool_choice="required", seed=seed)
+    body = _chat(loaded, tools=[WEATHER, TIME], tool_choice="required", seed=seed, parallel_tool_calls=False,
+                 max_tokens=300)
     choice = body["choices"][0]
     assert choice["finish_reason"] == "tool_calls", choice
     assert choice["message"]["tool_calls"]
     for call in choice["message"]["tool_calls"]:
+        _check_call(call["function"]["name"], call["function"]["arguments"])
+
+
+def test_parallel_calls_each_validate(loaded):
+    body = _chat(loaded, tools=[WEATHER, TIME], tool_choice="required", seed=21, max_tokens=400)
+    calls = body["choices"][0]["message"]["tool_calls"]
+    complete = calls if body["choices"][0]["finish_reason"] == "tool_calls" else calls[:-1]
+    assert complete
+    for call in complete:
         _check_call(call["function"]["name"], call["function"]["arguments"])
 
 
@@ -142,12 +152,13 @@ def test_the_openai_sdk_calls_tools_streams_and_parses(loaded):
     pydantic = pytest.importorskip("pydantic")
     client = openai.OpenAI(base_url=f"{LOCAL}/v1", api_key="none", http_client=loaded, max_retries=0)
     result = client.chat.completions.create(model="any", messages=ASK, tools=[WEATHER], tool_choice="required",
-                                            temperature=1.0, seed=10, max_tokens=160)
+                                            temperature=1.0, seed=10, max_tokens=300, parallel_tool_calls=False)
     call = result.choices[0].message.tool_calls[0]
     _check_call(call.function.name, call.function.arguments)
 
     stream = client.chat.completions.create(model="any", messages=ASK, tools=[WEATHER], tool_choice="required",
-                                            temperature=1.0, seed=11, max_tokens=160, stream=True)
+                                            temperature=1.0, seed=11, max_tokens=300, stream=True,
+                                            parallel_tool_calls=False)
     name, arguments = "", ""
     for chunk in stream:
         for piece in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
@@ -168,8 +179,8 @@ def test_langchain_binds_tools_and_structures_output(loaded):
     chat_models = pytest.importorskip("langchain_openai")
     pydantic = pytest.importorskip("pydantic")
     llm = chat_models.ChatOpenAI(base_url=f"{LOCAL}/v1", api_key="none", model="any", temperature=1.0,
-                                 max_tokens=160, seed=13, http_client=loaded, max_retries=0)
-    message = llm.bind_tools([WEATHER], tool_choice="required").invoke("Weather in Paris?")
+                                 max_tokens=300, seed=13, http_client=loaded, max_retries=0)
+    message = llm.bind_tools([WEATHER], tool_choice="required", parallel_tool_calls=False).invoke("Weather?")
     call = message.tool_calls[0]
     assert call["name"] == "get_weather"
     jsonschema_rs.validate(WEATHER_PARAMS, call["args"])

@@ -112,7 +112,7 @@ def test_thinking_goes_to_reasoning_content(client, model, templates):
 
 def test_thinking_opened_by_the_generation_prompt_streams_as_reasoning(client, model, templates):
     _say(model, "Hmm, a greeting.\n</think>\n\nHello!")
-    resp = _chat(client, R1, stream=True)
+    resp = _chat(client, R1, stream=True, enable_thinking=True)
     assert _prompt(model).rstrip().endswith("<think>")
     deltas = [p["choices"][0]["delta"] for p in sse_payloads(resp.text) if p != "[DONE]" and p["choices"]]
     assert "".join(d.get("reasoning_content") or "" for d in deltas).strip() == "Hmm, a greeting."
