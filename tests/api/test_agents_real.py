@@ -30,7 +30,9 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "fixtures" / "chat-templates" /
 GGUF, HF = "tiny-tools.gguf", "tiny-tools-hf"
 WEATHER_PARAMS = {
     "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 12},
+    # ASCII patterns: random weights also emit lone UTF-8 bytes, which llama.cpp's grammar
+    # counts differently from the U+FFFD they decode to, so maxLength is tested in REPORT.
+    "properties": {"city": {"type": "string", "pattern": "^[A-Za-z ]{1,12}$"},
                    "unit": {"enum": ["celsius", "fahrenheit"]},
                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
     "required": ["city", "unit", "days"], "additionalProperties": False,
@@ -38,7 +40,7 @@ WEATHER_PARAMS = {
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Forecast.",
                                             "parameters": WEATHER_PARAMS}}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 8}}, "required": ["zone"]}}}
+    "type": "object", "properties": {"zone": {"type": "string", "pattern": "^[A-Z]{3}$"}}, "required": ["zone"]}}}
 REPORT = {
     "type": "object",
     "properties": {
@@ -132,8 +134,12 @@ def test_json_schema_output_validates(loaded, seed):
 
 
 def test_json_object_and_completions_json_schema(loaded):
-    content = _chat(loaded, response_format={"type": "json_object"}, seed=7, max_tokens=200)
-    assert isinstance(json.loads(content["choices"][0]["message"]["content"]), dict)
+    choice = _chat(loaded, response_format={"type": "json_object"}, seed=7, max_tokens=200)["choices"][0]
+    text = choice["message"]["content"]
+    # Any object: a random model's strings may run past max_tokens; what it wrote is still JSON.
+    assert text.startswith("{")
+    if choice["finish_reason"] == "stop":
+        assert isinstance(json.loads(text), dict)
     resp = loaded.post("/v1/completions", json={"prompt": "JSON:", "json_schema": REPORT, "max_tokens": 300,
                                                 "temperature": 1.0, "seed": 8})
     assert resp.status_code == 200, resp.text
