@@ -167,6 +167,20 @@ def test_decode_marks_incomplete_utf8(q8: LlamaCppLoader) -> None:
         q8.decode([q8.info.vocab_size])
 
 
+def test_decode_keeps_the_space_before_punctuation_so_streamed_deltas_add_up(q8: LlamaCppLoader) -> None:
+    """The kit's GPT-2-style vocabulary has llama.cpp's clean_spaces on: llama_detokenize turns
+    " ," into ",", so a window's text was no prefix of the next one's and the stream dropped the
+    comma (a grammar's JSON came out as `[5] "level"`). Decoding is the pieces, as llama-server
+    streams them."""
+    from modules.engine.text_stream import IncrementalDetokenizer
+
+    text = 'x = [5] ,"level" . done ?'
+    ids = q8.encode(text, add_bos=False)
+    assert q8.decode(ids) == text
+    stream = IncrementalDetokenizer(q8.decode)
+    assert "".join(stream.add(t) for t in ids) + stream.flush() == text
+
+
 # --- generation --------------------------------------------------------------------------
 def test_greedy_is_deterministic_and_matches_raw_llama(f32: LlamaCppLoader, tiny_kit: TinyKit) -> None:
     import llama_cpp

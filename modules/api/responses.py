@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 FinishReason = Literal["stop", "length"]
 """What OpenAI clients know; our "cancelled" is sent as "stop" (completions.FINISH)."""
+ChatFinishReason = Literal["stop", "length", "tool_calls"]
+"""A chat reply may also end by calling tools."""
 EngineFinishReason = Literal["stop", "length", "cancelled"]
 """The engine's own reasons, which the KoboldAI routes pass on as they are."""
 
@@ -140,16 +142,31 @@ class CompletionStreamResponse(Wire):
 
 
 # --------------------------------------------------------------------------- OpenAI: chat
+class FunctionCall(Wire):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text.")
+
+
+class ToolCall(Wire):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatCompletionMessage(Wire):
     role: Literal["assistant"]
     content: str | None
+    reasoning_content: str | None = Field(default=None, description="A reasoning model's thinking, apart from "
+                                          "the answer; null when there was none.")
+    tool_calls: list[ToolCall] | None = Field(default=None, description="The calls the reply makes; null when it "
+                                              "makes none (content is null when it said nothing else).")
 
 
 class ChatCompletionResponseChoice(Wire):
     index: int
     message: ChatCompletionMessage
     logprobs: ChatCompletionLogProbs | None
-    finish_reason: FinishReason
+    finish_reason: ChatFinishReason
 
 
 class ChatCompletionResponse(Wire):
@@ -163,19 +180,35 @@ class ChatCompletionResponse(Wire):
     usage: UsageInfo
 
 
+class FunctionCallDelta(Wire):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(Wire):
+    """A piece of one call: index always; id, type and name on its first piece; arguments in pieces."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class DeltaMessage(Wire):
     """What a chat chunk adds: the first has role (and empty content), then content, and the
     one with finish_reason is empty. Keys not set are not sent."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatCompletionResponseStreamChoice(Wire):
     index: int
     delta: DeltaMessage
     logprobs: ChatCompletionLogProbs | None
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletionStreamResponse(Wire):

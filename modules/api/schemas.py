@@ -64,6 +64,10 @@ MAX_EMBEDDING_INPUTS = 2048
 """Strings in one /v1/embeddings call (OpenAI's bound)."""
 MAX_OPTIONS = 64
 """Keys in a model load's args and settings."""
+MAX_TOOLS = 128
+"""Tools in one chat completion (OpenAI's bound)."""
+MAX_TOOL_CALLS = 128
+"""Calls in one assistant message of the history."""
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Union members in a validation error's location ("stop", "list[constrained-str]", 3):
@@ -303,6 +307,20 @@ def _as_list(value: str | list[str] | None) -> list[str]:
 
 
 # --------------------------------------------------------------------------- OpenAI
+class JsonSchemaFormat(Loose):
+    name: Annotated[str, Field(max_length=64)] = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Loose):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    """llama.cpp's server takes the schema here too (with type json_object)."""
+
+
 class StreamOptions(Loose):
     include_usage: bool = False
 
@@ -322,6 +340,9 @@ class CompletionRequest(SamplerFields):
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     n: Choices = 1
     best_of: Choices | None = None
+    response_format: ResponseFormat | None = None
+    json_schema: dict[str, Any] | None = None
+    """llama.cpp's server field: the completion must be JSON matching this schema."""
 
     def prompts(self) -> list[str | list[int]]:
         """Each prompt to complete: a string, or a list of token ids."""
@@ -339,10 +360,31 @@ class TextPart(Loose):
     text: str | None = None
 
 
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+
+class FunctionCallIn(Loose):
+    name: FunctionName
+    arguments: str | dict[str, Any] = "{}"
+    """JSON text as OpenAI sends it (an object is taken too, as some clients send one)."""
+
+
+class ToolCallIn(Loose):
+    """A call an assistant message of the history made."""
+
+    id: Annotated[str, Field(max_length=256)] | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(Loose):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | Annotated[list[TextPart], capped(MAX_CONTENT_PARTS)] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCallIn], capped(MAX_TOOL_CALLS)] | None = None
+    tool_call_id: Annotated[str, Field(max_length=256)] | None = None
+    reasoning_content: str | None = None
+    """A past reply's thinking (as this server and DeepSeek's API return it)."""
 
     def text(self) -> str:
         """The content as one string; text parts are joined, other parts refused."""
@@ -356,8 +398,25 @@ class ChatMessage(Loose):
         return "".join(parts)
 
 
-class ResponseFormat(Loose):
-    type: Annotated[str, _doc(enum=["text"])] = "text"
+class FunctionDef(Loose):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(Loose):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(Loose):
+    name: FunctionName
+
+
+class NamedToolChoice(Loose):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplerFields):
@@ -371,6 +430,13 @@ class ChatCompletionRequest(SamplerFields):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[ToolDef], capped(MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    enable_thinking: bool | None = None
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=MAX_OPTIONS)] | None = None
+    """Extra variables for the model's chat template (vLLM's and llama.cpp's field)."""
     mode: Literal["chat", "chat-instruct", "instruct"] = "instruct"
     character: str | None = None
     instruction_template: str | None = None

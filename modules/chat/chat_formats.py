@@ -203,6 +203,14 @@ def message_to_native(message: Message) -> dict[str, Any]:
         out["visible"] = message.visible
     if message.meta:
         out["meta"] = message.meta
+    if message.reasoning:
+        out["reasoning"] = message.reasoning
+    if message.tool_calls:
+        out["tool_calls"] = message.tool_calls
+    if message.tool_call_id:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name:
+        out["name"] = message.name
     return out
 
 
@@ -249,7 +257,17 @@ def message_from_native(obj: object, where: str) -> Message:
     if visible is not None and not isinstance(visible, str):
         raise _bad(where, "visible must be text or null")
     meta = _dict_field(obj, "meta", where)
-    return Message(role, content, swipes=list(swipes), swipe_index=index, visible=visible, meta=meta)
+    texts = {}
+    for key in ("reasoning", "tool_call_id", "name"):
+        value = obj.get(key, "")
+        if not isinstance(value, str):
+            raise _bad(where, f"{key} must be text")
+        texts[key] = value
+    calls = obj.get("tool_calls", [])
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise _bad(where, "tool_calls must be a list of objects")
+    return Message(role, content, swipes=list(swipes), swipe_index=index, visible=visible, meta=meta,
+                   tool_calls=list(calls), **texts)
 
 
 def chat_from_native(obj: object, where: str) -> Chat:

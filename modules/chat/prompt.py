@@ -15,11 +15,12 @@ tokenizer. Rendering returns `(prompt, stop_strings)` and nothing else happens h
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from modules.chat.types import ASSISTANT, SYSTEM, USER, Character, Message, Persona
+from modules.chat.types import ASSISTANT, SYSTEM, TOOL, USER, Character, Message, Persona
 from modules.core.errors import ContextLengthExceededError, InvalidRequestError
 
 CHAT, CHAT_INSTRUCT, INSTRUCT = "chat", "chat-instruct", "instruct"
@@ -54,6 +55,8 @@ class PromptOptions:
     bos_token: str = ""
     eos_token: str = ""
     extra_stop: list[str] = field(default_factory=list)
+    template_vars: dict[str, Any] = field(default_factory=dict)
+    """Variables beyond `messages` for the instruction template (`tools`, `enable_thinking`...)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -228,16 +231,41 @@ def _render_instruct(
     renderer: Renderer, action: str, partial: str,
 ) -> str:
     system = options.system_message.strip() or _character_block(character, persona)
-    turns = [{"role": m.role, "content": m.content} for m in messages if m.role != SYSTEM]
+    turns = [_template_message(m) for m in messages if m.role != SYSTEM]
     extra_system = [m.content for m in messages if m.role == SYSTEM and m.content.strip()]
     system = "\n\n".join([substitute(system, character, persona), *extra_system]).strip()
     chat = ([{"role": SYSTEM, "content": system}] if system else []) + turns
-    kw = {"bos_token": options.bos_token, "eos_token": options.eos_token}
+    kw = {**options.template_vars, "bos_token": options.bos_token, "eos_token": options.eos_token}
     if action == CONTINUE:
         return renderer.render_continuing(options.template, chat, **kw)
     if action == IMPERSONATE:
         return renderer.render_continuing(options.template, chat + [{"role": USER, "content": partial}], **kw)
     return renderer.render(options.template, chat, add_generation_prompt=True, **kw)
+
+
+def _template_message(message: Message) -> dict[str, Any]:
+    """A message as chat templates read it: OpenAI's fields, only those the turn has."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [_template_call(call) for call in message.tool_calls]
+    if message.role == TOOL:
+        out.update(tool_call_id=message.tool_call_id, name=message.name)
+    if message.reasoning:
+        out["reasoning_content"] = message.reasoning
+    return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A call with its arguments as an object: templates print them with `tojson` (as in
+    transformers and vLLM); text that is not JSON stays text."""
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments)
+        except ValueError:
+            pass
+    return {**call, "function": function}
 
 
 def with_start(messages: Sequence[Message], start_reply_with: str) -> list[Message]:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from modules.chat.agents import NO_AGENT, AgentOptions, Constraint, ReplyFormat, constraint, polyfill, reply_format, template_vars
 from modules.chat.characters import DEFAULT_CHARACTER, DEFAULT_PERSONA, CharacterStore, PersonaStore
 from modules.chat.hooks import build_with_hooks
 from modules.chat.prompt import (
@@ -29,6 +30,7 @@ from modules.chat.prompt import (
     DEFAULT_CHAT_INSTRUCT_COMMAND,
     GREETING_META,
     IMPERSONATE,
+    INSTRUCT,
     MODES,
     REPLY,
     BuiltPrompt,
@@ -37,8 +39,9 @@ from modules.chat.prompt import (
     build_prompt,
     greeting_message,
 )
+from modules.chat.tool_calls import parse_reply
 from modules.chat.templates import TemplateChoice, TemplateStore, choose_template, load_model_patterns
-from modules.chat.types import ASSISTANT, USER, Character, Chat, Message, Persona
+from modules.chat.types import ASSISTANT, SYSTEM, USER, Character, Chat, Message, Persona
 from modules.core.errors import InvalidRequestError
 from modules.core.sampling import SamplingParams
 from modules.engine.extensions import ExtensionRegistry
@@ -63,6 +66,8 @@ class ChatSetup:
     """Jinja2 source of the instruction template (instruct and chat-instruct modes)."""
     chat_instruct_command: str = DEFAULT_CHAT_INSTRUCT_COMMAND
     system_message: str = ""
+    agent: AgentOptions = NO_AGENT
+    """Tools, a forced call or schema, and the template's thinking switches (modules/chat/agents.py)."""
 
 
 @dataclass(frozen=True)
@@ -75,23 +80,29 @@ class PreparedChat:
     """The caller's params with the prompt's stop strings merged in (the caller's first)."""
     save: bool
     """Whether the chat is saved when its generation ends: the UI's actions save, the API never does."""
+    reply: ReplyFormat | None = None
+    """How the reply is split into reasoning, content and tool calls (None: plain text)."""
 
 
 class ChatStream:
     """Chunks of one chat action; `text` is the message as shown, `cancel()` stops it.
 
-    `apply(content, visible)` writes each step into the chat: when an output_modifier
-    changed the final text, `content` keeps the model's words (the next prompt reads
-    them) and `visible` the modified text (what the UI shows); else `visible` is None.
+    `apply(content, visible, reasoning)` writes each step into the chat: when an
+    output_modifier changed the final text, `content` keeps the model's words (the next
+    prompt reads them) and `visible` the modified text (what the UI shows); else `visible`
+    is None. A reasoning model's thinking is split off the reply as it streams (`reasoning`,
+    None when the reply was not read for it: a continued reply keeps the thinking it had).
     """
 
-    def __init__(self, stream: Stream, apply: Callable[[str, str | None], None], prefix: str, strip_leading: bool,
-                 on_end: Callable[[], None], prompt: BuiltPrompt) -> None:
+    def __init__(self, stream: Stream, apply: Callable[[str, str | None, str | None], None], prefix: str,
+                 strip_leading: bool, on_end: Callable[[], None], prompt: BuiltPrompt,
+                 reply: ReplyFormat | None = None) -> None:
         self._stream = stream
         self._apply = apply
         self._prefix = prefix
         self._strip = strip_leading
         self._on_end = on_end
+        self._reply = reply if not prefix else None
         self.prompt = prompt
         self.text = prefix
         self.last: GenerationChunk | None = None
@@ -99,12 +110,17 @@ class ChatStream:
     def __iter__(self) -> Iterator[GenerationChunk]:
         try:
             for chunk in self._stream:
-                content = self._prefix + self._clean(chunk.text, chunk)
+                raw = chunk.text if chunk.original is None else chunk.original
+                reasoning = None
+                if self._reply is not None:
+                    parsed = parse_reply(raw, self._reply.family, tools=False, thinking=self._reply.thinking)
+                    raw, reasoning = parsed.content, parsed.reasoning.strip()
+                content = self._prefix + self._clean(raw, chunk)
                 visible = None
                 if chunk.original is not None:
-                    content, visible = self._prefix + self._clean(chunk.original, chunk), content
+                    visible = self._prefix + self._clean(chunk.text, chunk)
                 self.text = visible if visible is not None else content
-                self._apply(content, visible)
+                self._apply(content, visible, reasoning)
                 self.last = chunk
                 yield chunk
         finally:
@@ -164,7 +180,7 @@ class ChatService:
     # --- setup -------------------------------------------------------------------------
     def setup(self, character: str | None, mode: str | None, template: str | None,
               user_name: str | None = None, persona_text: str | None = None, system_message: str = "",
-              chat_instruct_command: str | None = None) -> ChatSetup:
+              chat_instruct_command: str | None = None, agent: AgentOptions = NO_AGENT) -> ChatSetup:
         """The ChatSetup for what a face was given; the UI and the API both call this.
 
         `character` None or "" is the Assistant; `mode` None is chat; `template` None, "" or
@@ -185,6 +201,7 @@ class ChatService:
             template=self.choose_template(template).source if mode != CHAT else "",
             chat_instruct_command=chat_instruct_command or DEFAULT_CHAT_INSTRUCT_COMMAND,
             system_message=system_message,
+            agent=agent,
         )
 
     def persona(self, user_name: str | None = None, persona_text: str | None = None) -> Persona:
@@ -227,7 +244,12 @@ class ChatService:
             mode=setup.mode, template=setup.template, chat_instruct_command=setup.chat_instruct_command,
             system_message=setup.system_message, bos_token=model.info.bos_token or "",
             eos_token=model.info.eos_token or "", extra_stop=list(params.stop),
+            template_vars=template_vars(setup.agent, setup.template) if setup.mode == INSTRUCT else {},
         )
+        # A template that renders no tools (and every non-instruct mode) gets them as text.
+        messages, tool_prompt = polyfill(messages, setup.agent, setup.template if setup.mode == INSTRUCT else "")
+        if tool_prompt:
+            messages = [Message(SYSTEM, tool_prompt), *messages]
         def count(text: str) -> int:
             return len(model.encode(text, add_bos=params.add_bos_token))
 
@@ -250,9 +272,19 @@ class ChatService:
         caller's own. `save` is the face's saving rule, carried to where the generation ends:
         the Chat tab's actions save the chat, the API never does.
         """
+        setup.agent.check()
         prompt = self.build(messages, setup, params, action, partial, new_input=new_input, is_api=is_api)
         stops = list(dict.fromkeys([*params.stop, *prompt.stop]))
-        return PreparedChat(prompt, params.replace(stop=stops), save)
+        reply = reply_format(setup.agent, setup.template, prompt.text)
+        grammar = constraint(setup.agent, reply)
+        if grammar.optional and not self.models.require().capabilities.grammar:
+            grammar = Constraint()
+        if grammar.grammar:
+            if params.grammar_string:
+                raise InvalidRequestError("grammar_string cannot be combined with a forced tool call or a "
+                                          "response_format schema: send one of them", "grammar_string")
+            params = params.replace(grammar_string=grammar.grammar, grammar_triggers=list(grammar.triggers))
+        return PreparedChat(prompt, params.replace(stop=stops), save, reply)
 
     # --- generating actions ----------------------------------------------------------
     # The Chat tab's actions (is_api=False); `save` is its saving rule, passed on to prepare().
@@ -268,7 +300,7 @@ class ChatService:
         else:
             prepared = self.prepare(pending[:-1], setup, params, REPLY, new_input=True, is_api=False, save=save)
         chat.messages += [user, reply]  # only once the prompt is built: a refused send leaves the chat as it was
-        return self._start(chat, prepared, lambda t, v: _set_content(reply, t, v), start_reply_with,
+        return self._start(chat, prepared, lambda t, v, r: _set_content(reply, t, v, r), start_reply_with,
                            strip=not start_reply_with)
 
     def regenerate(self, chat: Chat, setup: ChatSetup, params: SamplingParams, *, save: bool = True) -> ChatStream:
@@ -279,22 +311,22 @@ class ChatService:
             last.swipes = [last.content]
         last.swipes.append("")
         last.swipe_index = len(last.swipes) - 1
-        return self._start(chat, prepared, lambda t, v: _set_content(last, t, v), "", strip=True)
+        return self._start(chat, prepared, lambda t, v, r: _set_content(last, t, v, r), "", strip=True)
 
     def continue_(self, chat: Chat, setup: ChatSetup, params: SamplingParams, *, save: bool = True) -> ChatStream:
         """Extend the last reply where it stopped."""
         last = _last_reply(chat, allow_greeting=True)
         prepared = self.prepare(chat.messages, setup, params, CONTINUE, is_api=False, save=save)
-        return self._start(chat, prepared, lambda t, v: _set_content(last, t, v), last.content, strip=False)
+        return self._start(chat, prepared, lambda t, v, r: _set_content(last, t, v, r), last.content, strip=False)
 
     def impersonate(self, chat: Chat, setup: ChatSetup, params: SamplingParams, partial: str = "") -> ChatStream:
         """Write the user's next message (shown in the input box, not added to the chat: nothing to save)."""
         prepared = self.prepare(chat.messages, setup, params, IMPERSONATE, partial, is_api=False, save=False)
         prefix = f"{partial} " if partial and not partial.endswith(" ") else partial
-        return self._start(None, prepared, lambda t, v: None, prefix, strip=True)
+        return self._start(None, prepared, lambda t, v, r: None, prefix, strip=True)
 
-    def _start(self, chat: Chat | None, prepared: PreparedChat, apply: Callable[[str, str | None], None],
-               prefix: str, strip: bool) -> ChatStream:
+    def _start(self, chat: Chat | None, prepared: PreparedChat,
+               apply: Callable[[str, str | None, str | None], None], prefix: str, strip: bool) -> ChatStream:
         prompt = prepared.prompt
         if prompt.state is None:
             stream = self.generator.submit(prompt.text, prepared.params)
@@ -308,7 +340,7 @@ class ChatService:
                 except Exception:  # noqa: BLE001 - a failed save is logged; the reply stays in memory
                     log.exception("could not save the chat with %s", chat.character)
 
-        return ChatStream(stream, apply, prefix, strip, on_end, prompt)
+        return ChatStream(stream, apply, prefix, strip, on_end, prompt, prepared.reply)
 
     # --- editing -----------------------------------------------------------------------
     @staticmethod
@@ -322,6 +354,9 @@ class ChatService:
         last.swipe_index = index % len(last.swipes)
         last.content = last.swipes[last.swipe_index]
         last.visible = None  # an extension's display text belonged to the swipe shown before
+        thoughts = last.meta.get(SWIPE_REASONING)
+        last.reasoning = thoughts[last.swipe_index] if isinstance(thoughts, list) and \
+            last.swipe_index < len(thoughts) and isinstance(thoughts[last.swipe_index], str) else ""
         return last
 
     @staticmethod
@@ -348,11 +383,24 @@ class ChatService:
         return user_text
 
 
-def _set_content(message: Message, text: str, visible: str | None = None) -> None:
+SWIPE_REASONING = "swipe_reasoning"
+"""Message.meta key: each swipe's thinking, beside `swipes` (Message.reasoning is the shown one's)."""
+
+
+def _set_content(message: Message, text: str, visible: str | None = None, reasoning: str | None = None) -> None:
     message.content = text
     message.visible = visible
     if message.swipes:
         message.swipes[message.swipe_index] = text
+    if reasoning is None:
+        return
+    message.reasoning = reasoning
+    if message.swipes:
+        thoughts = message.meta.get(SWIPE_REASONING)
+        thoughts = list(thoughts) if isinstance(thoughts, list) else []
+        thoughts += [""] * (len(message.swipes) - len(thoughts))
+        thoughts[message.swipe_index] = reasoning
+        message.meta[SWIPE_REASONING] = thoughts
 
 
 def _last_reply(chat: Chat, allow_greeting: bool = False) -> Message:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
-ROLES = (USER, ASSISTANT, SYSTEM)
+USER, ASSISTANT, SYSTEM, TOOL = "user", "assistant", "system", "tool"
+ROLES = (USER, ASSISTANT, SYSTEM, TOOL)
 
 
 @dataclass
@@ -30,6 +30,16 @@ class Message:
     visible: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     """Free-form extras kept with the message (timestamps, model name, extension data)."""
+    reasoning: str = ""
+    """A reasoning model's thinking before `content` (kept apart from the reply; templates that
+    show past thinking read it as `reasoning_content`)."""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    """An assistant turn's function calls, OpenAI's shape: {"id", "type": "function",
+    "function": {"name", "arguments"}} with arguments as JSON text."""
+    tool_call_id: str = ""
+    """A tool turn: the id of the call it answers."""
+    name: str = ""
+    """A tool turn: the function's name."""
 
     @property
     def shown(self) -> str:

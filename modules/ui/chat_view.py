@@ -42,20 +42,41 @@ def edited_text(value: Any) -> str:
     return message_text(value).split(ORIGINAL_MARK, 1)[0]
 
 
-def to_messages(chat: Chat | None) -> list[dict[str, str]]:
-    """The chat as gr.Chatbot messages ({"role", "content"})."""
-    return [{"role": m.role, "content": display_text(m)} for _, m in _shown(chat)]
+THINKING_TITLE = "Thinking"
+
+
+def _bubbles(chat: Chat | None) -> list[tuple[int | None, dict[str, Any]]]:
+    """(index in chat.messages, or None for a thinking block; the gr.Chatbot message) in order.
+
+    A reply's thinking is its own collapsible block above the reply (Gradio's message
+    `metadata` title), "pending" while the model is still thinking (no reply text yet)."""
+    bubbles: list[tuple[int | None, dict[str, Any]]] = []
+    for index, message in _shown(chat):
+        if message.role == ASSISTANT and message.reasoning:
+            status = "done" if message.content.strip() else "pending"
+            bubbles.append((None, {"role": ASSISTANT, "content": message.reasoning,
+                                   "metadata": {"title": THINKING_TITLE, "status": status}}))
+        bubbles.append((index, {"role": message.role, "content": display_text(message)}))
+    return bubbles
+
+
+def to_messages(chat: Chat | None) -> list[dict[str, Any]]:
+    """The chat as gr.Chatbot messages ({"role", "content"}, and "metadata" for thinking)."""
+    return [bubble for _, bubble in _bubbles(chat)]
 
 
 def chat_index(chat: Chat, shown_index: int) -> int:
     """The index in `chat.messages` of the message shown at `shown_index`.
 
-    Raises IndexError when the Chatbot's position is not one of the shown messages.
+    Raises IndexError when the Chatbot's position is not one of the shown messages (or is
+    a thinking block, which is not edited).
     """
-    shown = _shown(chat)
-    if not 0 <= shown_index < len(shown):
+    bubbles = _bubbles(chat)
+    if not 0 <= shown_index < len(bubbles) or bubbles[shown_index][0] is None:
         raise IndexError(shown_index)
-    return shown[shown_index][0]
+    index = bubbles[shown_index][0]
+    assert index is not None
+    return index
 
 
 def message_text(value: Any) -> str:
