@@ -398,8 +398,12 @@ def grammar_accepts(gbnf: str, text: str) -> bool:
     llguidance = pytest.importorskip("llguidance")
     from llguidance.gbnf_to_lark import gbnf_to_lark
 
+    # The Transformers-family loaders read GBNF this way: llama.cpp-only character ranges
+    # (surrogates, past U+10FFFF) dropped, then llguidance's GBNF import.
+    from loaders.grammar_mask import _UNREPRESENTABLE
+
     tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteVocab()))
-    lark = gbnf_to_lark(gbnf)
+    lark = gbnf_to_lark(_UNREPRESENTABLE.sub("", gbnf))
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(lark, tokenizer)
     assert not is_error, messages
     matcher = llguidance.LLMatcher(tokenizer, lark, log_level=0)
@@ -409,11 +413,16 @@ def grammar_accepts(gbnf: str, text: str) -> bool:
     return matcher.is_accepting()
 
 
-GRAMMAR_OUTPUTS = {**{name: pair[0] for name, pair in OUTPUTS.items()},
-                   "llama3": '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}',
-                   "harmony": '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>'
-                              '{"city": "Paris", "days": 2}',
-                   "generic": '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}]}'}
+def compact_args(text: str) -> str:
+    """The grammars write the arguments as compact JSON (the schema rules have no optional space)."""
+    return text.replace('{"city": "Paris", "days": 2}', '{"city":"Paris","days":2}')
+
+
+GRAMMAR_OUTPUTS = {name: compact_args(text) for name, text in {
+    **{name: pair[0] for name, pair in OUTPUTS.items()},
+    "llama3": '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}',
+    "harmony": '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris", "days": 2}',
+    "generic": '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}]}'}.items()}
 
 
 @pytest.mark.parametrize("family", sorted(GRAMMAR_OUTPUTS))
@@ -424,6 +433,7 @@ def test_each_call_grammar_accepts_a_valid_call_and_refuses_a_wrong_one(family: 
     assert not grammar_accepts(grammar.gbnf, good.replace("get_weather", "get_wether"))
     if family != "gemma4":  # Gemma's arguments are checked for shape only
         assert not grammar_accepts(grammar.gbnf, good.replace('"Paris"', "7"))
+        assert parse_reply(good, TOOL_FAMILIES[family], tools=True, thinking=False).tool_calls[0].name == "get_weather"
     # A lazy grammar starts at the trigger's first group: right where the call opens.
     text = good if family in ("llama3", "generic") else "Sure. " + good
     starts = [m.start(1) for trigger in grammar.triggers if (m := re.search(trigger, text))]
@@ -433,11 +443,11 @@ def test_each_call_grammar_accepts_a_valid_call_and_refuses_a_wrong_one(family: 
 def test_a_named_tool_choice_allows_only_that_function() -> None:
     grammar = call_grammar(TOOL_FAMILIES["hermes"], TOOLS, name="get_time")
     assert grammar_accepts(grammar.gbnf, '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
-    assert not grammar_accepts(grammar.gbnf, OUTPUTS["hermes"][0])
+    assert not grammar_accepts(grammar.gbnf, compact_args(OUTPUTS["hermes"][0]))
 
 
 def test_parallel_false_allows_one_call() -> None:
-    two = OUTPUTS["hermes"][1]
+    two = compact_args(OUTPUTS["hermes"][1])
     assert grammar_accepts(call_grammar(TOOL_FAMILIES["hermes"], TOOLS).gbnf, two)
     assert not grammar_accepts(call_grammar(TOOL_FAMILIES["hermes"], TOOLS, parallel=False).gbnf, two)
 
@@ -453,3 +463,11 @@ def test_bad_tools_are_request_errors_naming_the_field(tools: list[dict[str, Any
     with pytest.raises(InvalidRequestError) as info:
         call_grammar(TOOL_FAMILIES["hermes"], tools, name=name)
     assert info.value.param == param
+
+
+@pytest.mark.parametrize("family", sorted(TOOL_FAMILIES))
+def test_triggers_are_in_the_regex_dialect_llama_cpp_and_python_read_alike(family: str) -> None:
+    from loaders.llama_cpp_sampler import check_trigger_pattern
+
+    for trigger in call_grammar(TOOL_FAMILIES[family], TOOLS).triggers:
+        assert check_trigger_pattern(trigger) == trigger

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,6 +40,11 @@ from modules.chat.tool_families import (
     scan_with_think,
 )
 from modules.chat.tool_json import WHITESPACE
+
+SLOW_READ_S = 0.001
+"""A re-read slower than this (seconds) makes the stream wait for more text before the next."""
+SLOW_READ_FRACTION = 64
+"""...namely for 1/64 of the reply so far: a few tokens on a long call, so pieces still flow."""
 
 __all__ = [
     "ToolCall", "ParsedReply", "ReplyDelta", "ToolFamily", "TOOL_FAMILIES", "CallGrammar", "detect_family",
@@ -348,6 +354,8 @@ class ReplyStream:
         self._reasoning = ""
         self._calls: list[tuple[str, str, str]] = []  # (id, name, arguments sent)
         self._finished = False
+        self._waiting = 0
+        self._slow = False
 
     @property
     def text(self) -> str:
@@ -357,7 +365,15 @@ class ReplyStream:
         if self._finished or not isinstance(delta, str) or not delta:
             return []
         self._text.append(delta)
+        self._waiting += len(delta)
+        # Re-reading is linear in the reply; when one read grows slow (long JSON arguments),
+        # read again only after a few % more text, which keeps a long call linear overall.
+        if self._slow and self._waiting * SLOW_READ_FRACTION < self._length():
+            return []
         return self._emit(final=False)
+
+    def _length(self) -> int:
+        return sum(len(piece) for piece in self._text)
 
     def finish(self) -> list[ReplyDelta]:
         if self._finished:
@@ -373,7 +389,12 @@ class ReplyStream:
         return ParsedReply(reply.content, reply.reasoning, calls)
 
     def _emit(self, final: bool) -> list[ReplyDelta]:
-        scan = _read(self.text, self.family, self.tools, self.thinking, final)
+        started = time.perf_counter()
+        text = self.text
+        self._text = [text]
+        scan = _read(text, self.family, self.tools, self.thinking, final)
+        self._slow = time.perf_counter() - started > SLOW_READ_S
+        self._waiting = 0
         out: list[ReplyDelta] = []
         reasoning = (_joined if final else _partial_text)(scan.reasoning)
         if reasoning.startswith(self._reasoning) and len(reasoning) > len(self._reasoning):

@@ -3,7 +3,8 @@
 Built with modules.engine.grammars.GrammarBuilder (one namespace: each tool's argument
 schema becomes its rules, the family's wrapper raw rules). The grammar describes the reply
 from the call's opening on (what a lazy grammar's trigger starts it at), so `root` begins
-with the opener. End-of-turn tokens that are also end-of-generation (`<|call|>`,
+with the opener. One layout per family, the one its template writes, and no optional
+whitespace (as the schema rules: llama.cpp's detokenizer drops a lone space token's text). End-of-turn tokens that are also end-of-generation (`<|call|>`,
 `<|eom_id|>`) are left out: after the grammar the model may only end.
 """
 
@@ -69,29 +70,28 @@ def build_call_grammar(family: ToolFamily, tools: list[dict[str, Any]], *, name:
             raise InvalidRequestError(f"tool_choice names the function {name!r}, which is not in tools",
                                       "tool_choice")
     builder = GrammarBuilder("tools")
-    ws = builder.add_rule("tc-ws", "[ \\t\\n]{0,4}")
     shape = family.grammar or "generic"
     calls = []
     prefix = ""
     for function in functions:
         args = builder.add_schema(f"{function['name']}-args", function["parameters"], strict=function["strict"],
                                   param="tools")
-        prefix, body = _call_body(shape, function["name"], args, ws, gbnf_literal)
+        prefix, body = _call_body(shape, function["name"], args, gbnf_literal)
         calls.append(builder.add_rule(f"call-{function['name']}", body))
     # The text every call starts with is written once, before the choice of name: llguidance's
     # GBNF import turns an all-literal alternative into one lexeme, and two alternatives
     # sharing a first lexeme then cannot both be followed.
     call = builder.add_rule("tc-call", f"{prefix} ( {' | '.join(calls)} )")
-    root = _root(shape, call, ws, parallel, builder, gbnf_literal)
+    root = _root(shape, call, parallel, builder)
     return builder.build(root), list(TRIGGERS.get(shape, TRIGGERS["generic"]))
 
 
-def _call_body(shape: str, name: str, args: str, ws: str, lit: Any) -> tuple[str, str]:
+def _call_body(shape: str, name: str, args: str, lit: Any) -> tuple[str, str]:
     """(what every call of the family starts with, the rest for this function)."""
     if shape in ("hermes", "mistral", "generic", "llama3"):
-        key = lit(chr(34) + ("parameters" if shape == "llama3" else "arguments") + chr(34))
-        return (f'"{{" {ws} "\\"name\\"" {ws} ":" {ws}',
-                f'{lit(json.dumps(name))} {ws} "," {ws} {key} {ws} ":" {ws} {args} {ws} "}}"')
+        # The layout the family's own template writes: `{"name": "f", "arguments": {...}}`.
+        key = "parameters" if shape == "llama3" else "arguments"
+        return (lit('{"name": '), f'{lit(json.dumps(name))} {lit(f", {json.dumps(key)}: ")} {args} "}}"')
     if shape == "mistral_args":
         return "", f'{lit(name)} "[ARGS]" {args}'
     if shape == "deepseek":
@@ -119,15 +119,15 @@ GEMMA_RULES = {
 }
 
 
-def _root(shape: str, call: str, ws: str, parallel: bool, builder: Any, lit: Any) -> str:
+def _root(shape: str, call: str, parallel: bool, builder: Any) -> str:
     if shape == "hermes":
-        one = builder.add_rule("tc-block", f'"<tool_call>" {ws} {call} {ws} "</tool_call>"')
-        return f"{one} ( {ws} {one} )*" if parallel else one
+        one = builder.add_rule("tc-block", f'"<tool_call>\\n" {call} "\\n</tool_call>"')
+        return f'{one} ( "\\n" {one} )*' if parallel else one
     if shape == "llama3":
         return f'( "<|python_tag|>" )? {call}'
     if shape == "mistral":
-        rest = f'( {ws} "," {ws} {call} )* ' if parallel else ""
-        return f'"[TOOL_CALLS]" {ws} "[" {ws} {call} {rest}{ws} "]"'
+        rest = f'( ", " {call} )* ' if parallel else ""
+        return f'"[TOOL_CALLS][" {call} {rest}"]"'
     if shape == "mistral_args":
         one = builder.add_rule("tc-block", f'"[TOOL_CALLS]" {call}')
         return f"{one}{'+' if parallel else ''}"
@@ -140,8 +140,6 @@ def _root(shape: str, call: str, ws: str, parallel: bool, builder: Any, lit: Any
         for rule, body in GEMMA_RULES.items():
             builder.add_rule(rule, body)
         return f"{call}{'+' if parallel else ''}"
-    # generic
-    if parallel:
-        return (f'"{{" {ws} "\\"tool_calls\\"" {ws} ":" {ws} "[" {ws} {call} ( {ws} "," {ws} {call} )* {ws} "]" '
-                f'{ws} "}}"')
-    return f'"{{" {ws} "\\"tool_call\\"" {ws} ":" {ws} {call} {ws} "}}"'
+    if parallel:  # generic
+        return f'"{{\\"tool_calls\\": [" {call} ( ", " {call} )* "]}}"'
+    return f'"{{\\"tool_call\\": " {call} "}}"'

@@ -26,6 +26,7 @@ from typing import Literal
 WHITESPACE = " \t\n\r"
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _NUMBER_START = re.compile(r"-?(?:0|[1-9][0-9]*)?(?:\.[0-9]*)?(?:[eE][+-]?[0-9]*)?")
+_PLAIN = re.compile(r'[^"\\]*')
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _LITERALS = ("true", "false", "null")
 MAX_DEPTH = 128
@@ -84,6 +85,10 @@ def read_string(text: str, pos: int) -> tuple[str | None, int, str]:
     n = len(text)
     safe_end = i  # end of the raw part whose escapes are all complete
     while i < n:
+        plain = _PLAIN.match(text, i).end()  # a run without quotes or escapes, at C speed
+        if plain > i:
+            i = safe_end = plain
+            continue
         ch = text[i]
         if ch == '"':
             decoded = _decode(text[pos + 1:i])
