@@ -230,6 +230,15 @@ def _compile_triggers(triggers: Sequence[str]) -> list[re.Pattern[str]]:
     return patterns
 
 
+_UNREPRESENTABLE = re.compile(
+    r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}-\\u[dD][89a-fA-F][0-9a-fA-F]{2}"
+    r"|\\U0*(?:1[1-9a-fA-F]|[2-9a-fA-F][0-9a-fA-F])[0-9a-fA-F]{4}-\\U[0-9a-fA-F]{8}")
+"""Ranges of surrogates or of values past U+10FFFF in a character class: llama.cpp's lenient
+UTF-8 decoder can produce them, so grammars exclude them for it (modules/engine/schema_subset.py),
+but they are no Unicode scalar values, so llguidance's regexes refuse them; its text is valid
+UTF-8, which never holds them, so dropping the ranges changes nothing it could match."""
+
+
 def _compile(grammar: str, ll_tokenizer: Any) -> Any:
     """A pristine llguidance matcher of the GBNF `grammar`; InvalidRequestError with the
     library's message when it is not a valid grammar."""
@@ -239,7 +248,7 @@ def _compile(grammar: str, ll_tokenizer: Any) -> Any:
     if not grammar.strip():
         raise InvalidRequestError("grammar_string is empty", "grammar_string")
     try:
-        lark = gbnf_to_lark(grammar)
+        lark = gbnf_to_lark(_UNREPRESENTABLE.sub("", grammar))
     except Exception as exc:  # noqa: BLE001 - the converter raises bare Exceptions for bad grammars
         raise InvalidRequestError(f"grammar_string is not a valid GBNF grammar: {exc}", "grammar_string") from exc
     matcher = LLMatcher(ll_tokenizer, LLMatcher.grammar_from_lark(lark), log_level=0)

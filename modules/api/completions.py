@@ -40,8 +40,8 @@ from modules.api.responses import (
 )
 from modules.api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, NamedToolChoice, ResponseFormat
 from modules.api.state import ApiState, Caller, usage
-from modules.chat.prompt import CONTINUE, INSTRUCT, REPLY
 from modules.chat.agents import AUTO, REQUIRED, AgentOptions, check_tool_turns
+from modules.chat.prompt import CONTINUE, INSTRUCT, REPLY
 from modules.chat.service import PreparedChat
 from modules.chat.tool_calls import ReplyDelta, parse_reply
 from modules.chat.types import ASSISTANT, SYSTEM, TOOL, USER, Message

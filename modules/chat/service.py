@@ -21,7 +21,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from modules.chat.agents import NO_AGENT, AgentOptions, Constraint, ReplyFormat, constraint, polyfill, reply_format, template_vars
+from modules.chat.agents import (
+    NO_AGENT,
+    AgentOptions,
+    Constraint,
+    ReplyFormat,
+    constraint,
+    polyfill,
+    reply_format,
+    template_vars,
+)
 from modules.chat.characters import DEFAULT_CHARACTER, DEFAULT_PERSONA, CharacterStore, PersonaStore
 from modules.chat.hooks import build_with_hooks
 from modules.chat.prompt import (
@@ -39,8 +48,8 @@ from modules.chat.prompt import (
     build_prompt,
     greeting_message,
 )
-from modules.chat.tool_calls import parse_reply
 from modules.chat.templates import TemplateChoice, TemplateStore, choose_template, load_model_patterns
+from modules.chat.tool_calls import parse_reply
 from modules.chat.types import ASSISTANT, SYSTEM, USER, Character, Chat, Message, Persona
 from modules.core.errors import InvalidRequestError
 from modules.core.sampling import SamplingParams

@@ -60,7 +60,8 @@ def test_chat_completion_builds_the_prompt_with_the_template(client, model):
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
     body = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 5}).json()
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello"}
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello", "reasoning_content": None,
+                                             "tool_calls": None}
     prompt = bytes(t for t in model.seen_prompts[-1] if t < 256).decode()
     assert "<|im_start|>system\nBe brief.<|im_end|>" in prompt  # the client's system replaces the character's
     assert prompt.endswith("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")

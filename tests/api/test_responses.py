@@ -253,9 +253,9 @@ def test_a_misspelt_or_missing_field_fails_where_it_is_built():
 # --------------------------------------------------------------------------- unknown request fields
 def test_unknown_fields_are_named_by_their_dotted_path():
     req = ChatCompletionRequest.model_validate({
-        "messages": [{"role": "user", "content": [{"type": "text", "text": "a", "cache": 1}], "tool_call_id": "t"}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "a", "cache": 1}], "refusal": "t"}],
         "api_type": "ooba", "stream_options": {"include_usage": True, "chunked": 1}})
-    assert unknown_fields(req) == ["api_type", "messages.0.tool_call_id", "messages.0.content.0.cache",
+    assert unknown_fields(req) == ["api_type", "messages.0.refusal", "messages.0.content.0.cache",
                                    "stream_options.chunked"]
 
 
