@@ -10,7 +10,9 @@ length):
 
 - raw: `llama_cpp.Llama.generate` in this process;
 - ours: our Generator in this process (queue, detokeniser, stop matcher and all);
-- api: `server.py --api` as a subprocess, streaming /v1/completions (SSE) to this process.
+- api: `server.py --api` as a subprocess, streaming /v1/completions (SSE) to this process;
+- with --chat, two more API sides: chat (streaming /v1/chat/completions, the chat path with its
+  reasoning/tool-call reader) and schema (the same with a response_format json_schema).
 
 Runs are interleaved (raw, ours, api, raw, ...) and strictly one at a time: two llama.cpp
 contexts decoding at once on a small CPU would ruin both. The server keeps its model
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -78,6 +81,23 @@ def api_run(client, server: common.ApiServer, n_tokens: int, seed: int) -> float
     return result.decode_rate()
 
 
+STORY_SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+                "required": ["title", "story"]}
+"""The --chat side's json_schema: open strings, so the bench model writes until max_tokens."""
+
+
+def chat_run(client, server: common.ApiServer, n_tokens: int, seed: int, schema: bool) -> float:
+    """Tokens/s of one streamed /v1/chat/completions (plain, or constrained to STORY_SCHEMA)."""
+    payload = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": n_tokens, "seed": seed,
+               **SAMPLING}
+    if schema:
+        payload["response_format"] = {"type": "json_schema", "json_schema": {"name": "s", "schema": STORY_SCHEMA}}
+    else:
+        payload["ban_eos_token"] = True
+    result = common.stream_chat(client, server.url, payload)
+    return result.decode_rate()
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_server_args(parser, ctx_size=1024)
@@ -86,6 +106,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--cache-type", default="f16", choices=("f16", "q8_0", "q4_0", "f32"))
     parser.add_argument("--no-api", action="store_true", help="leave out the API side (no server started)")
+    parser.add_argument("--chat", action="store_true",
+                        help="add two API sides: plain /v1/chat/completions and one with a json_schema")
     return parser.parse_args()
 
 
@@ -139,9 +161,19 @@ def main() -> int:
         finally:
             common.settle()
 
+    def measure_chat(schema: bool) -> Callable[[int, int], float]:
+        def measure(n_tokens: int, seed: int) -> float:
+            try:
+                return chat_run(client, server, n_tokens, seed, schema)
+            finally:
+                common.settle()
+        return measure
+
     sides = {"raw": measure_raw, "ours": measure_ours}
     if server is not None:
         sides["api"] = measure_api
+        if args.chat:
+            sides["chat"], sides["schema"] = measure_chat(False), measure_chat(True)
     rates: dict[str, list[float]] = {name: [] for name in sides}
     try:
         print(common.machine_line(threads), flush=True)
@@ -164,6 +196,9 @@ def main() -> int:
     if "api" in med:
         print(f"ratio api / raw {med['api'] / med['raw']:.3f}")
         print(common.goal_line("api / raw decode", med["api"] / med["raw"], API_GOAL))
+    if "chat" in med:
+        print(f"ratio chat / api {med['chat'] / med['api']:.3f} (the chat path's reply reader vs completions)")
+        print(f"ratio schema / chat {med['schema'] / med['chat']:.3f} (the cost of a json_schema grammar)")
     print(common.machine_line(threads))
     return 0
 
