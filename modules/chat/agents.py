@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from modules.chat.tool_calls import (
@@ -35,6 +36,8 @@ from modules.core.errors import InvalidRequestError
 from modules.engine.grammars import check_schema, json_object_grammar, json_schema_grammar
 
 AUTO, NONE, REQUIRED = "auto", "none", "required"
+GENERIC = "generic"
+"""The family of templates with no known call syntax (modules/chat/tool_calls.py)."""
 THINK_END_TRIGGER = r"[\s\S]*?</think>\s*([\s\S]*)"
 """Where a grammar starts when the prompt opened a think block: after the block closes."""
 
@@ -121,21 +124,39 @@ def template_vars(agent: AgentOptions, template: str) -> dict[str, Any]:
     """The variables beyond `messages` the model's template gets for this request."""
     variables: dict[str, Any] = dict(agent.template_kwargs)
     tools = tools_for_template(agent)
-    if tools is not None and template_supports_tools(template):
+    if tools is not None and supports_tools(template):
         variables["tools"] = tools
     return variables
 
 
-def polyfill(messages: Sequence[Message], agent: AgentOptions, template: str) -> tuple[list[Message], str]:
-    """Messages for a template that renders no tools, and the system text describing them.
+@lru_cache(maxsize=64)
+def supports_tools(template: str) -> bool:
+    """template_supports_tools, once per template source: it renders the template (a pure
+    function of the source, so memoised like the renderer's compiled templates)."""
+    return template_supports_tools(template)
 
-    Past calls become the assistant's JSON text and results become user turns, so any template
-    (even one that refuses unknown roles) renders the conversation; returns the messages
-    unchanged and "" when the template handles tools itself or no tools are in play.
+
+@lru_cache(maxsize=64)
+def family_of(template: str) -> ToolFamily:
+    """detect_family, once per template source."""
+    return detect_family(template or None)
+
+
+def polyfill(messages: Sequence[Message], agent: AgentOptions, template: str, instruct: bool
+             ) -> tuple[list[Message], str]:
+    """What a prompt that cannot show tools needs: the system text describing them (for a
+    template that does not render `tools`, as llama.cpp does), and, outside instruct mode (a
+    transcript, no template), past calls and results written as text turns. In instruct mode
+    the template's own family shapes the history (tool_calls.template_messages). Returns the
+    messages unchanged and "" when nothing is needed.
     """
     has_tool_turns = any(m.tool_calls or m.role == TOOL for m in messages)
-    if template_supports_tools(template) or not (agent.tools_on or has_tool_turns):
+    if not (agent.tools_on or has_tool_turns) or (instruct and supports_tools(template)):
         return list(messages), ""
+    tools = tools_for_template(agent)
+    prompt = generic_tool_prompt(tools, agent.tool_choice) if tools else ""
+    if instruct:
+        return list(messages), prompt
     out: list[Message] = []
     for message in messages:
         if message.role == ASSISTANT and message.tool_calls:
@@ -149,8 +170,7 @@ def polyfill(messages: Sequence[Message], agent: AgentOptions, template: str) ->
             out.append(Message(USER, json.dumps(result, ensure_ascii=False)))
         else:
             out.append(message)
-    tools = tools_for_template(agent)
-    return out, generic_tool_prompt(tools, agent.tool_choice) if tools else ""
+    return out, prompt
 
 
 def _arguments(arguments: object) -> object:
@@ -196,8 +216,7 @@ class ReplyFormat:
 def reply_format(agent: AgentOptions, template: str, prompt: str) -> ReplyFormat:
     from modules.chat.tool_calls import thinking_opened
 
-    family = detect_family(template or None)
-    return ReplyFormat(family, agent.tools_on, thinking_opened(prompt), tuple(agent.names()))
+    return ReplyFormat(family_of(template), agent.tools_on, thinking_opened(prompt), tuple(agent.names()))
 
 
 @dataclass(frozen=True)
@@ -230,7 +249,7 @@ def system_with(system: str, addition: str) -> str:
 
 
 __all__ = [
-    "AUTO", "NONE", "NO_AGENT", "REQUIRED", "AgentOptions", "Constraint", "ReplyFormat",
+    "AUTO", "GENERIC", "NONE", "NO_AGENT", "REQUIRED", "AgentOptions", "Constraint", "ReplyFormat",
     "check_tool_turns", "constraint", "polyfill", "reply_format", "system_with", "template_vars",
     "tools_for_template",
 ]

@@ -15,11 +15,11 @@ tokenizer. Rendering returns `(prompt, stop_strings)` and nothing else happens h
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from modules.chat.tool_calls import detect_family, template_messages
 from modules.chat.types import ASSISTANT, SYSTEM, TOOL, USER, Character, Message, Persona
 from modules.core.errors import ContextLengthExceededError, InvalidRequestError
 
@@ -231,7 +231,8 @@ def _render_instruct(
     renderer: Renderer, action: str, partial: str,
 ) -> str:
     system = options.system_message.strip() or _character_block(character, persona)
-    turns = [_template_message(m) for m in messages if m.role != SYSTEM]
+    turns = template_messages([_template_message(m) for m in messages if m.role != SYSTEM],
+                              detect_family(options.template))
     extra_system = [m.content for m in messages if m.role == SYSTEM and m.content.strip()]
     system = "\n\n".join([substitute(system, character, persona), *extra_system]).strip()
     chat = ([{"role": SYSTEM, "content": system}] if system else []) + turns
@@ -247,25 +248,12 @@ def _template_message(message: Message) -> dict[str, Any]:
     """A message as chat templates read it: OpenAI's fields, only those the turn has."""
     out: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_calls:
-        out["tool_calls"] = [_template_call(call) for call in message.tool_calls]
+        out["tool_calls"] = message.tool_calls
     if message.role == TOOL:
         out.update(tool_call_id=message.tool_call_id, name=message.name)
     if message.reasoning:
         out["reasoning_content"] = message.reasoning
     return out
-
-
-def _template_call(call: dict[str, Any]) -> dict[str, Any]:
-    """A call with its arguments as an object: templates print them with `tojson` (as in
-    transformers and vLLM); text that is not JSON stays text."""
-    function = dict(call.get("function") or {})
-    arguments = function.get("arguments")
-    if isinstance(arguments, str):
-        try:
-            function["arguments"] = json.loads(arguments)
-        except ValueError:
-            pass
-    return {**call, "function": function}
 
 
 def with_start(messages: Sequence[Message], start_reply_with: str) -> list[Message]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modules.chat.agents import (
+    GENERIC,
     NO_AGENT,
     AgentOptions,
     Constraint,
@@ -256,7 +257,7 @@ class ChatService:
             template_vars=template_vars(setup.agent, setup.template) if setup.mode == INSTRUCT else {},
         )
         # A template that renders no tools (and every non-instruct mode) gets them as text.
-        messages, tool_prompt = polyfill(messages, setup.agent, setup.template if setup.mode == INSTRUCT else "")
+        messages, tool_prompt = polyfill(messages, setup.agent, setup.template, setup.mode == INSTRUCT)
         if tool_prompt:
             messages = [Message(SYSTEM, tool_prompt), *messages]
         def count(text: str) -> int:
@@ -293,6 +294,10 @@ class ChatService:
                 raise InvalidRequestError("grammar_string cannot be combined with a forced tool call or a "
                                           "response_format schema: send one of them", "grammar_string")
             params = params.replace(grammar_string=grammar.grammar, grammar_triggers=list(grammar.triggers))
+        if reply.tools or reply.thinking or reply.family.name != GENERIC:
+            # The reply is read for calls and thinking, whose markup is often special tokens
+            # (<|channel|>, [TOOL_CALLS]): they must reach the text to be read (and taken out).
+            params = params.replace(skip_special_tokens=False)
         return PreparedChat(prompt, params.replace(stop=stops), save, reply)
 
     # --- generating actions ----------------------------------------------------------

@@ -164,3 +164,13 @@ def _error(resp):
 def test_bad_agent_requests_are_400_naming_the_field(client, model, templates, body, param):
     err = _error(_chat(client, QWEN25, **body))
     assert err["param"] == param, err
+
+
+def test_replies_read_for_markup_keep_their_special_tokens(client, model, templates):
+    """Call and thinking markup is often special tokens (<|channel|>, [TOOL_CALLS]): a reply that
+    is read for it is generated with skip_special_tokens off; a plain ChatML chat keeps the default."""
+    _say(model, "Hi")
+    _chat(client, QWEN25, tools=[WEATHER])
+    assert model.seen_params[-1].skip_special_tokens is False
+    _chat(client, "ChatML")
+    assert model.seen_params[-1].skip_special_tokens is True
