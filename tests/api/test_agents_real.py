@@ -74,10 +74,40 @@ def agent_client(tiny_kit, tmp_path_factory):
     app.close()
 
 
-@pytest.fixture(scope="module", params=[GGUF, HF], ids=["llama.cpp", "transformers"])
+GPTQ = "tiny-tools-GPTQ"
+
+
+def _gptq_folder(models: Path) -> str:
+    """The tools model as a 4-bit GPTQ folder (quantised on CPU, once per module)."""
+    from loaders.gptq import GPTQLoader
+
+    if GPTQLoader.unavailable_reason() is not None:
+        pytest.skip(str(GPTQLoader.unavailable_reason()))
+    if not (models / GPTQ).exists():
+        import torch
+
+        from tests.test_gptq_loader import calibration_texts, quantize_with_gptqmodel
+
+        quantize_with_gptqmodel(models / HF, models / GPTQ, device="cpu", group_size=32,
+                                calibration=calibration_texts(64), dtype=torch.float32)
+        shutil.copy(TEMPLATE, models / GPTQ / "chat_template.jinja")
+    return GPTQ
+
+
+@pytest.fixture(scope="module", params=[GGUF, HF, GPTQ], ids=["llama.cpp", "transformers", "gptq"])
 def loaded(request, agent_client):
     app, client = agent_client
-    app.models.load(request.param)
+    name = _gptq_folder(app.root) if request.param == GPTQ else request.param
+    if name == GPTQ:
+        # Eager torch on one thread, as tests/test_gptq_loader.py runs GPTQ (no 50 s inductor build).
+        import torch
+
+        previous = torch.get_num_threads(), torch._dynamo.config.disable
+        torch.set_num_threads(1)
+        torch._dynamo.config.disable = True
+        request.addfinalizer(lambda: (torch.set_num_threads(previous[0]),
+                                      setattr(torch._dynamo.config, "disable", previous[1])))
+    app.models.load(name)
     return client
 
 
