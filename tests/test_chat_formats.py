@@ -414,3 +414,12 @@ def test_an_ooba_file_needs_a_character_and_errors_say_where():
         import_sillytavern('{"user_name":"U","character_name":"C"}\n{"mes": "a"}\n{broken')
     with pytest.raises(InvalidRequestError, match="swipe_id"):
         import_sillytavern('{"character_name":"C"}\n{"mes": "a", "swipes": ["a"], "swipe_id": 4}')
+
+
+def test_native_files_keep_thinking_and_tool_turns_apart():
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    chat = Chat("Assistant", [Message("user", "hi"), Message("assistant", "", tool_calls=[call], reasoning="hm"),
+                              Message("tool", "42", tool_call_id="call_1", name="f"),
+                              Message("assistant", "It is 42.", reasoning="easy")], id="x")
+    back = import_any(export_native(chat), "chat.json")
+    assert back.messages == chat.messages

@@ -178,3 +178,19 @@ def test_setup_without_stores_says_what_is_missing(service):
         service.setup("Alice", "chat", None)
     assert service.persona("Ann", "A pirate.") == Persona("Ann", "A pirate.")
     assert service.persona() == Persona("You")  # no persona store: the built-in default
+
+
+def test_thinking_is_kept_apart_from_the_reply_per_swipe(service, fake):
+    chat = service.new_chat(SETUP)
+    fake.script = script_text(" <think>Bob greets me.</think> Hi Bob.") + [EOS]
+    seen = [(chat.messages[-1].reasoning, chat.messages[-1].content)
+            for _ in service.send(chat, "Hello Alice", SETUP, PARAMS)]
+    last = chat.messages[-1]
+    assert (last.reasoning, last.content) == ("Bob greets me.", "Hi Bob.")
+    assert ("Bob greets me.", "") in seen  # the thinking streamed before the reply began
+    fake.script = script_text(" <think>Again.</think> Hello.") + [EOS]
+    service.regenerate(chat, SETUP, PARAMS).result()
+    assert (last.reasoning, last.content) == ("Again.", "Hello.")
+    service.swipe(chat, 0)
+    assert (last.reasoning, last.content) == ("Bob greets me.", "Hi Bob.")
+    assert "Bob greets me." not in prompt_seen(fake)  # past thinking is not sent back in chat mode

@@ -263,3 +263,16 @@ def test_status_text_puts_a_save_notice_under_the_stats() -> None:
     assert chat_view.status_text("10 tokens", "") == "10 tokens"
     assert chat_view.status_text("10 tokens", "Saved as a copy.") == "10 tokens\n\n⚠️ Saved as a copy."
     assert chat_view.status_text("", "Saved as a copy.") == "⚠️ Saved as a copy."
+
+
+def test_thinking_shows_as_a_collapsible_block_above_its_reply() -> None:
+    chat = Chat("Assistant", [Message("user", "hi"), Message("assistant", "hello", reasoning="They greet me.")])
+    shown = chat_view.to_messages(chat)
+    assert shown[1] == {"role": "assistant", "content": "They greet me.",
+                        "metadata": {"title": chat_view.THINKING_TITLE, "status": "done"}}
+    assert shown[2] == {"role": "assistant", "content": "hello"}
+    assert chat_view.chat_index(chat, 2) == 1  # edits of the reply map past the block
+    with pytest.raises(IndexError):
+        chat_view.chat_index(chat, 1)  # the thinking block itself is not edited
+    chat.messages[1].content = ""
+    assert chat_view.to_messages(chat)[1]["metadata"]["status"] == "pending"  # still thinking

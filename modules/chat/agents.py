@@ -212,6 +212,32 @@ class ReplyFormat:
     def stream(self) -> ReplyStream:
         return ReplyStream(self.family, tools=self.tools, thinking=self.thinking)
 
+    def stream_text(self) -> TextReader:
+        """A reader of the reply's text only (the Chat tab: thinking apart, calls not read)."""
+        return TextReader(ReplyStream(self.family, tools=False, thinking=self.thinking))
+
+
+class TextReader:
+    """The content and reasoning so far of a streamed reply (markup held back until decided)."""
+
+    def __init__(self, stream: ReplyStream) -> None:
+        self._stream = stream
+        self.content = ""
+        self.reasoning = ""
+
+    def feed(self, delta: str) -> None:
+        self._add(self._stream.feed(delta))
+
+    def finish(self) -> None:
+        self._add(self._stream.finish())
+
+    def _add(self, pieces: Sequence[Any]) -> None:
+        for piece in pieces:
+            if piece.kind == "reasoning":
+                self.reasoning += piece.text
+            elif piece.kind == "content":
+                self.content += piece.text
+
 
 def reply_format(agent: AgentOptions, template: str, prompt: str) -> ReplyFormat:
     from modules.chat.tool_calls import thinking_opened

@@ -118,13 +118,20 @@ class ChatStream:
         self.last: GenerationChunk | None = None
 
     def __iter__(self) -> Iterator[GenerationChunk]:
+        reader = self._reply.stream_text() if self._reply is not None else None
         try:
             for chunk in self._stream:
                 raw = chunk.text if chunk.original is None else chunk.original
                 reasoning = None
-                if self._reply is not None:
-                    parsed = parse_reply(raw, self._reply.family, tools=False, thinking=self._reply.thinking)
-                    raw, reasoning = parsed.content, parsed.reasoning.strip()
+                if reader is not None:
+                    reader.feed(chunk.delta)
+                    if chunk.finish_reason:
+                        reader.finish()
+                    if chunk.original is not None:  # an extension rewrote the text: read the model's own
+                        parsed = parse_reply(raw, self._reply.family, tools=False, thinking=self._reply.thinking)
+                        raw, reasoning = parsed.content, parsed.reasoning.strip()
+                    else:
+                        raw, reasoning = reader.content, reader.reasoning.strip()
                 content = self._prefix + self._clean(raw, chunk)
                 visible = None
                 if chunk.original is not None:
@@ -323,6 +330,8 @@ class ChatService:
         prepared = self.prepare(chat.messages[:-1], setup, params, REPLY, is_api=False, save=save)
         if not last.swipes:
             last.swipes = [last.content]
+            if last.reasoning:
+                last.meta[SWIPE_REASONING] = [last.reasoning]
         last.swipes.append("")
         last.swipe_index = len(last.swipes) - 1
         return self._start(chat, prepared, lambda t, v, r: _set_content(last, t, v, r), "", strip=True)
