@@ -26,7 +26,7 @@ from typing import Any
 
 from loaders import gguf_main_file, register_loader
 from loaders.base import Capabilities, LoaderBase, ModelInfo, Step, auto_context
-from loaders.llama_cpp_sampler import ChainContext, build_sampler_chain, never_utf8_tokens
+from loaders.llama_cpp_sampler import ChainContext, LlamaChain, build_sampler_chain, never_utf8_tokens
 from loaders.llama_cpp_slots import SlotEngine, context_params_for_slots
 from modules.core import gguf_header
 from modules.core.errors import (
@@ -204,7 +204,7 @@ class LlamaCppLoader(LoaderBase):
             chain = self._new_chain(params, prompt_ids)
         yield from engine.generate(prompt_ids, chain, stop_event, params.max_new_tokens, params.logprobs)
 
-    def _new_chain(self, params: SamplingParams, prompt_ids: Sequence[int]) -> Any:
+    def _new_chain(self, params: SamplingParams, prompt_ids: Sequence[int]) -> LlamaChain:
         if params.grammar_string and not self._never_utf8_known:
             # Once, on the first grammar: a walk over the vocabulary (~5 us a token).
             ids = never_utf8_tokens(self._lib, self._vocab, self.info.vocab_size)

@@ -29,6 +29,9 @@ RANDOM_SEED = 0xFFFFFFFF
 #: the whole process. A huge finite penalty still never wins against an allowed token.
 GRAMMAR_SAFE_BAN = -1e9
 
+#: The smallest normal 32-bit float.
+FLT_MIN = 1.1754944e-38
+
 NEVER_UTF8 = re.compile(b"[\\xC0\\xC1\\xF5-\\xFF]")
 #: Trigger patterns: llama.cpp re-runs each on the whole free text after every token.
 MAX_TRIGGER_CHARS = 1000
@@ -53,10 +56,83 @@ class ChainContext:
     never_utf8_ids: tuple[int, ...] = ()
 
 
+class GrammarGuard:
+    """The grammar sampler behind a check that no token it rejects ever reaches it.
+
+    llama.cpp's grammar throws a C++ exception when it is made to accept a token it does
+    not allow, and nothing catches it between there and the C API: the process aborts. The
+    grammar masks every token it rejects to -inf before the pick, so that only happens when
+    the sampling arithmetic itself breaks: settings at the edges of 32-bit floats (a
+    temperature of 1e-40 or 1e39, a repetition penalty that rounds to 0, a bias of 1e300,
+    XTC with threshold 0) turn logits into NaN or +inf, and the pick lands on a masked
+    token. Bounding each setting would be a chase; this checks the one thing that matters.
+
+    Before each accept, the token goes through the grammar alone (a one-token candidate
+    array: applying a grammar changes no state). A rejected token is not accepted: it is
+    recorded in `rejected`, and the engine ends the request with an error instead of using
+    it. Costs two Python callbacks per token (a few microseconds), only under a grammar.
+    """
+
+    def __init__(self, lib: Any, grammar: Any) -> None:
+        self.rejected: int | None = None
+        self._lib, self._grammar = lib, grammar
+        self._probe = lib.llama_token_data(0, 0.0, 0.0)
+        self._probe_array = lib.llama_token_data_array(ctypes.pointer(self._probe), 1, -1, False)
+        iface = lib.llama_sampler_i()
+        # The callbacks live as long as this object; the engine keeps it beside the chain.
+        self._callbacks = (
+            lib.llama_sampler_i_accept(self._accept), lib.llama_sampler_i_apply(self._apply),
+            lib.llama_sampler_i_reset(self._reset), lib.llama_sampler_i_free(self._free),
+        )
+        iface.accept, iface.apply, iface.reset, iface.free = self._callbacks
+        self._iface = iface
+        self.sampler = lib.llama_sampler_init(ctypes.pointer(iface), None)
+
+    def allows(self, token: int) -> bool:
+        self._probe.id, self._probe.logit = token, 0.0
+        self._probe_array.size, self._probe_array.selected = 1, -1
+        self._lib.llama_sampler_apply(self._grammar, ctypes.byref(self._probe_array))
+        return self._probe.logit != -math.inf
+
+    def _apply(self, _sampler: Any, candidates: Any) -> None:
+        self._lib.llama_sampler_apply(self._grammar, candidates)
+
+    def _accept(self, _sampler: Any, token: int) -> None:
+        if self.rejected is not None:
+            return
+        if self.allows(token):
+            self._lib.llama_sampler_accept(self._grammar, token)
+        else:
+            self.rejected = token
+
+    def _reset(self, _sampler: Any) -> None:
+        self.rejected = None
+        self._lib.llama_sampler_reset(self._grammar)
+
+    def _free(self, _sampler: Any) -> None:
+        if self._grammar is not None:
+            self._lib.llama_sampler_free(self._grammar)
+            self._grammar = None
+
+
+@dataclass(eq=False)
+class LlamaChain:
+    """One request's llama_sampler chain, and its grammar's guard when it has a grammar
+    (whose callbacks must live as long as the chain)."""
+
+    pointer: Any
+    guard: GrammarGuard | None = None
+
+    def free(self, lib: Any) -> None:
+        if self.pointer is not None:
+            lib.llama_sampler_free(self.pointer)  # frees the guard's grammar through its callback
+            self.pointer = None
+
+
 def build_sampler_chain(
     lib: Any, facts: ChainContext, params: SamplingParams, history: Sequence[int]
-) -> Any:
-    """A new llama_sampler chain for one request; the caller frees it with llama_sampler_free.
+) -> LlamaChain:
+    """A new llama_sampler chain for one request; the caller frees it with `LlamaChain.free`.
 
     Order: logit bias and bans, the grammar, the active samplers in
     `params.active_samplers()` order, then the sampler that picks (greedy, Mirostat or a
@@ -67,11 +143,11 @@ def build_sampler_chain(
     """
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
     try:
-        _fill_chain(lib, chain, facts, params, history)
+        guard = _fill_chain(lib, chain, facts, params, history)
     except BaseException:
         lib.llama_sampler_free(chain)  # frees the samplers already added too
         raise
-    return chain
+    return LlamaChain(chain, guard)
 
 
 def chain_seed(params: SamplingParams) -> int:
@@ -83,8 +159,11 @@ def chain_seed(params: SamplingParams) -> int:
     return seed - 1 if seed == RANDOM_SEED else seed
 
 
-def _fill_chain(lib: Any, chain: Any, facts: ChainContext, params: SamplingParams, history: Sequence[int]) -> None:
+def _fill_chain(
+    lib: Any, chain: Any, facts: ChainContext, params: SamplingParams, history: Sequence[int]
+) -> GrammarGuard | None:
     add = lib.llama_sampler_chain_add
+    guard = None
     bias = logit_bias_entries(params, facts)
     if bias:
         array = (lib.llama_logit_bias * len(bias))()
@@ -95,10 +174,13 @@ def _fill_chain(lib: Any, chain: Any, facts: ChainContext, params: SamplingParam
     if params.grammar_string:
         # Before any truncation: a cut that kept only tokens the grammar rejects would
         # leave nothing valid to pick (llama.cpp aborts on that).
-        add(chain, _grammar_sampler(lib, facts, params.grammar_string, params.grammar_triggers))
+        grammar = _grammar_sampler(lib, facts, params.grammar_string, params.grammar_triggers)
+        guard = GrammarGuard(lib, grammar)
+        add(chain, guard.sampler)
     for sampler in _distribution_samplers(lib, facts, params, history):
         add(chain, sampler)
     add(chain, _picker(lib, facts, params))
+    return guard
 
 
 def logit_bias_entries(params: SamplingParams, facts: ChainContext) -> dict[int, float]:
@@ -218,8 +300,10 @@ def _distribution_samplers(
         "top_p": lambda: lib.llama_sampler_init_top_p(params.top_p, 1),
         "typical_p": lambda: lib.llama_sampler_init_typical(params.typical_p, 1),
         "min_p": lambda: lib.llama_sampler_init_min_p(params.min_p, 1),
+        # A threshold of 0 would count tokens of probability 0 (those a grammar masked) as
+        # "likely" and keep one of them alone; the smallest normal float excludes only those.
         "xtc": lambda: lib.llama_sampler_init_xtc(
-            params.xtc_probability, params.xtc_threshold, 1, chain_seed(params)
+            params.xtc_probability, max(params.xtc_threshold, FLT_MIN), 1, chain_seed(params)
         ),
     }
     samplers = []

@@ -31,7 +31,8 @@ from typing import Any
 
 from loaders.base import Step, TokenLogprobs, check_prompt_ids
 from loaders.kv_reuse import MIN_SHIFT_TOKENS, ReusePlan, plan_reuse
-from modules.core.errors import GenerationError, ModelNotLoadedError
+from loaders.llama_cpp_sampler import LlamaChain
+from modules.core.errors import GenerationError, InvalidRequestError, ModelNotLoadedError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class Slot:
 @dataclass(eq=False)
 class _Request:
     prompt: list[int]
-    chain: Any
+    chain: LlamaChain | None
     stop_event: threading.Event
     max_tokens: int
     want_logprobs: int
@@ -114,7 +115,7 @@ class SlotEngine:
         self._thread.start()
 
     # --- the consumer side (caller's thread) ---------------------------------------------
-    def generate(self, prompt: list[int], chain: Any, stop_event: threading.Event, max_tokens: int,
+    def generate(self, prompt: list[int], chain: LlamaChain, stop_event: threading.Event, max_tokens: int,
                  want_logprobs: int) -> Iterator[Step]:
         """Yield the request's steps: each sampled token with, when `want_logprobs` > 0, its
         raw log-probability and top `want_logprobs` alternatives.
@@ -125,7 +126,7 @@ class SlotEngine:
         try:
             self._check_prompt(prompt)
         except Exception:
-            self._lib.llama_sampler_free(chain)
+            chain.free(self._lib)
             raise
         req = _Request(list(prompt), chain, stop_event, max(1, max_tokens), want_logprobs)
         with self._cond:
@@ -234,7 +235,7 @@ class SlotEngine:
         req.next_token = None
         req.pending = []
         if req.chain is not None:
-            self._lib.llama_sampler_free(req.chain)
+            req.chain.free(self._lib)
             req.chain = None
         req.out.put(_DONE)
 
@@ -328,7 +329,15 @@ class SlotEngine:
 
     def _sample(self, req: _Request, index: int) -> None:
         lib = self._lib
-        token = lib.llama_sampler_sample(req.chain, self._ctx, index)
+        chain = req.chain
+        assert chain is not None
+        token = lib.llama_sampler_sample(chain.pointer, self._ctx, index)
+        if chain.guard is not None and chain.guard.rejected is not None:
+            self._fail([req], InvalidRequestError(
+                "the sampling settings broke the arithmetic (a temperature, penalty or bias at the edge of "
+                "32-bit floats made the logits NaN or infinite), so no token the grammar allows could be "
+                "picked; use settings in the usual ranges", "grammar_string"), clear=False)
+            return
         numbers = token_logprobs(lib, self._ctx, index, self.n_vocab, token, req.want_logprobs) \
             if req.want_logprobs else None
         req.sampled += 1
@@ -345,13 +354,13 @@ class SlotEngine:
         else:
             req.next_token = token
 
-    def _fail(self, failed: list[_Request], exc: Exception) -> None:
-        """A failed decode: its requests get the error; their sequences are cleared, since
-        llama.cpp may have written part of the batch."""
+    def _fail(self, failed: list[_Request], exc: Exception, clear: bool = True) -> None:
+        """Failed requests get the error. After a failed decode (`clear`) their sequences
+        are cleared too, since llama.cpp may have written part of the batch."""
         with self._cond:
             for req in failed:
                 slot = req.slot
-                if slot is not None:
+                if slot is not None and clear:
                     self._lib.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
                     slot.tokens = []
                 if req in self._active:

@@ -113,4 +113,6 @@ def test_every_api_sampler_field_shows_the_declared_help_and_range(model: type) 
         if low is not None or "choices" in meta:
             assert numbers, name
         checked.add(ours)
-    assert checked == set(PARAM_FIELDS) - {"logprobs"}  # logprobs: each dialect's own field and cap
+    internal = {name for name, f in PARAM_FIELDS.items() if f.metadata.get("internal")}
+    assert internal == {"grammar_triggers"}
+    assert checked == set(PARAM_FIELDS) - {"logprobs"} - internal  # logprobs: each dialect's own field and cap

@@ -42,8 +42,9 @@ def _param(default: Any, help: str, **rules: Any) -> Any:
     validation (`_validate`), the Parameters tab's controls, the API schema and the preset docs.
 
     Rules: bounds=(low, high) with None for an open end (low_open: the low end excluded),
-    choices=(...), and slider=(low, high, step), the part of the range the Parameters tab's
-    slider offers (within the bounds; a preset or a request may go beyond it).
+    choices=(...), slider=(low, high, step), the part of the range the Parameters tab's
+    slider offers (within the bounds; a preset or a request may go beyond it), and
+    internal=True for a field the engine sets and no API dialect accepts.
     """
     meta = {"help": help, **rules}
     if isinstance(default, (list, dict)):
@@ -102,7 +103,10 @@ class SamplingParams:
     grammar_string: str = _param("", "A GBNF grammar the output must follow (loaders that support it).")
     grammar_triggers: list[str] = _param(
         [], "Regexes that switch grammar_string on (a lazy grammar): the output is free until one matches, and "
-        "the grammar applies from the match's first group (or the match) on; empty: from the first token.")
+        "the grammar applies from the match's first group (or the match) on; empty: from the first token.",
+        # Set by the tool-call path only, never by a client: a trigger whose text the grammar then
+        # rejects makes llama.cpp throw through its C API, which aborts the process.
+        internal=True)
     truncation_length: int = _param(0, "Prompt + reply budget in tokens; 0 means the model's context length.",
                                     bounds=(0, None))
     add_bos_token: bool = _param(True, "Prepend the beginning-of-sequence token when the prompt does not start with it.")
